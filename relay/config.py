@@ -228,7 +228,7 @@ def _coerce(
     default = (
         spec.default
         if spec.default is not dataclasses.MISSING
-        else spec.default_factory()  # type: ignore[misc]
+        else spec.default_factory()  # type: ignore[operator]
     )
     type_text = str(spec.type)
 
@@ -418,3 +418,48 @@ def write_mail_settings(path: Path, settings: MailSettings) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+class SettingsStore:
+    """The Mail Settings in effect, re-read when their file changes on disk."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.version = 0
+        self._stamp: tuple[int, int, int] | None = None
+        self.current = MailSettings()
+        self.reload()
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            status = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return (status.st_ino, status.st_mtime_ns, status.st_size)
+
+    def reload(self) -> MailSettings:
+        """Read the file again; raises ConfigError and keeps the old settings.
+
+        Every successful read counts as a change: an administrator who saves the
+        same settings after fixing the mailbox on the server side means "try again".
+        """
+        stamp = self._file_stamp()
+        settings = load_mail_settings(self.path)
+        self._stamp = stamp
+        self.current = settings
+        self.version += 1
+        return settings
+
+    def reload_if_changed(self) -> bool:
+        """Re-read the file if it changed on disk since the last read."""
+        if self._file_stamp() == self._stamp:
+            return False
+        self.reload()
+        return True
+
+    def save(self, settings: MailSettings) -> None:
+        """Write new settings (atomically) and put them in effect."""
+        write_mail_settings(self.path, settings)
+        self._stamp = self._file_stamp()
+        self.current = settings
+        self.version += 1

@@ -1,0 +1,458 @@
+"""When each queued message is tried, and what a failure does to the queue.
+
+Delivery claims due messages from the spool, hands each to a worker that owns one
+reusable upstream session, and turns every outcome into a spool state: delivered,
+deferred on the retry schedule, held with the whole queue (authentication and
+configuration trouble), or failed. It never parses SMTP: replies arrive already
+classified by `relay.errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import ssl
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import structlog
+
+from relay.config import DaemonConfig, MailSettings, SettingsStore
+from relay.errors import Disposition, RelayError, SmtpReplyError, UpstreamError
+from relay.inbound import MessageSink
+from relay.spool import QueuedMessage, Spool
+from relay.upstream import DeliveryResult, TokenProvider, UpstreamSession
+
+log = structlog.get_logger(__name__)
+
+# An upstream session unused for this long is closed; Exchange drops idle ones.
+IDLE_SESSION_SECONDS = 30.0
+
+
+class ErrorRecorder(Protocol):
+    def record_error(
+        self,
+        error: RelayError,
+        *,
+        settings: MailSettings,
+        queue_id: str | None = None,
+        recipient: str | None = None,
+    ) -> bool: ...
+
+
+def retry_delay(
+    attempts: int, *, initial: float, multiplier: float, maximum: float, jitter: float
+) -> float:
+    """Seconds until the next try: exponential, capped, spread by jitter."""
+    base = min(maximum, initial * multiplier ** max(0, attempts - 1))
+    return base * (1 + random.uniform(-jitter, jitter))
+
+
+class DeliveryService:
+    """Background delivery of the spool to the upstream server."""
+
+    def __init__(
+        self,
+        *,
+        spool: Spool,
+        config: DaemonConfig,
+        settings: SettingsStore,
+        recorder: ErrorRecorder,
+        tls_context: ssl.SSLContext,
+        token_provider: TokenProvider | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._spool = spool
+        self._config = config
+        self._settings = settings
+        self._recorder = recorder
+        self._tls_context = tls_context
+        self._token_provider = token_provider
+        self._clock = clock
+        self._wake = asyncio.Event()
+        self._queue: asyncio.Queue[QueuedMessage] = asyncio.Queue()
+        self._idle_workers = config.delivery.concurrency
+        self._settings_version = settings.version
+        self.held = False
+        self.hold_reason: RelayError | None = None
+        self.last_error: RelayError | None = None
+        self.delivered_count = 0
+
+    def wake(self) -> None:
+        """Look at the queue now (a message arrived, or the settings changed)."""
+        self._wake.set()
+
+    async def release_hold(self) -> int:
+        """Put every held message back in the queue and resume sending."""
+        self.held = False
+        self.hold_reason = None
+        released = await self._spool.release_held(now=self._clock())
+        if released:
+            log.info("queue_released", messages=released)
+        self.wake()
+        return released
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Dispatch due messages to the workers until `stop` is set."""
+        counts = await self._spool.counts_by_state()
+        self.held = any(count for state, count in counts.items() if state == "held")
+        workers = [
+            asyncio.create_task(self._worker(), name=f"delivery-worker-{number}")
+            for number in range(self._config.delivery.concurrency)
+        ]
+        try:
+            while not stop.is_set():
+                await self._follow_settings()
+                if not self.held and self._idle_workers > self._queue.qsize():
+                    free = self._idle_workers - self._queue.qsize()
+                    for message in await self._spool.claim_due(limit=free):
+                        self._queue.put_nowait(message)
+                await self._sleep_until_due(stop)
+        finally:
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            # Messages claimed but not started go back to the queue at once.
+            while not self._queue.empty():
+                message = self._queue.get_nowait()
+                await self._spool.defer(
+                    message.queue_id,
+                    next_attempt_at=self._clock(),
+                    error=message.last_error or "",
+                    count_attempt=False,
+                )
+
+    async def _follow_settings(self) -> None:
+        """New Mail Settings release a held queue: they may be the fix."""
+        try:
+            self._settings.reload_if_changed()
+        except RelayError as error:
+            log.error("settings_unreadable", error=error.message)
+            return
+        if self._settings.version != self._settings_version:
+            self._settings_version = self._settings.version
+            log.info("settings_changed", version=self._settings_version)
+            await self.release_hold()
+
+    async def _sleep_until_due(self, stop: asyncio.Event) -> None:
+        timeout = self._config.delivery.poll_interval
+        next_due = await self._spool.next_due_at()
+        if next_due is not None and not self.held:
+            timeout = max(0.0, min(timeout, next_due - self._clock()))
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            waiter = asyncio.create_task(self._wake.wait())
+            stopper = asyncio.create_task(stop.wait())
+            try:
+                await asyncio.wait(
+                    {waiter, stopper}, timeout=timeout, return_when="FIRST_COMPLETED"
+                )
+            finally:
+                waiter.cancel()
+                stopper.cancel()
+
+    async def _worker(self) -> None:
+        session: UpstreamSession | None = None
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(
+                        self._queue.get(), timeout=IDLE_SESSION_SECONDS
+                    )
+                except TimeoutError:
+                    session = await _close_session(session)
+                    continue
+                self._idle_workers -= 1
+                try:
+                    session = await self._deliver(message, session)
+                finally:
+                    self._idle_workers += 1
+                    self.wake()
+        finally:
+            await _close_session(session)
+
+    async def _deliver(
+        self, message: QueuedMessage, session: UpstreamSession | None
+    ) -> UpstreamSession | None:
+        settings = self._settings.current
+        started = time.monotonic()
+        if self.held:
+            await self._spool.hold(message.queue_id, error=message.last_error or "held")
+            return session
+        if session is not None and (session.settings is not settings or not session.usable):
+            session = await _close_session(session)
+
+        try:
+            if session is None:
+                session = UpstreamSession(
+                    settings=settings,
+                    timeouts=self._config.timeouts,
+                    tls_context=self._tls_context,
+                    local_hostname=self._config.listen.hostname,
+                    token_provider=self._token_provider,
+                )
+                await session.open()
+            body = await self._spool.read_body(message.queue_id)
+            result = await session.send(
+                mail_from=message.mail_from,
+                recipients=message.recipients,
+                body=body,
+                smtputf8=message.smtputf8,
+                body_8bit=message.body_8bit,
+            )
+        except RelayError as error:
+            if session is not None and not session.usable:
+                session = await _close_session(session)
+            await self._handle_failure(message, error, settings)
+            return session
+
+        await self._handle_result(message, result, settings, started=started)
+        return session
+
+    async def _handle_result(
+        self,
+        message: QueuedMessage,
+        result: DeliveryResult,
+        settings: MailSettings,
+        *,
+        started: float,
+    ) -> None:
+        failed = {recipient: error.message for recipient, error in result.refused.items()}
+        remaining = await self._spool.record_attempt(
+            message.queue_id, delivered=result.accepted, failed=failed
+        )
+        for recipient, error in result.refused.items():
+            await self._record(error, settings, message.queue_id, recipient=recipient)
+
+        if remaining is not None and remaining.recipients and result.deferred:
+            first_error = next(iter(result.deferred.values()))
+            await self._defer(remaining, first_error, settings)
+
+        self.delivered_count += len(result.accepted)
+        log.info(
+            "message_relayed",
+            queue_id=message.queue_id,
+            size=message.size,
+            recipients=len(message.recipients),
+            delivered=len(result.accepted),
+            refused=len(result.refused),
+            deferred=len(result.deferred),
+            upstream_reply=result.reply,
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+        )
+
+    async def _handle_failure(
+        self, message: QueuedMessage, error: RelayError, settings: MailSettings
+    ) -> None:
+        self.last_error = error
+        log.warning(
+            "delivery_failed",
+            queue_id=message.queue_id,
+            category=str(error.category),
+            code=error.code,
+            disposition=str(error.disposition),
+            error=error.message,
+        )
+
+        if error.disposition is Disposition.HOLD:
+            await self._spool.hold(message.queue_id, error=error.message)
+            if not self.held:
+                log.error("queue_held", reason=error.message)
+            self.held = True
+            self.hold_reason = error
+            await self._record(error, settings, None)
+            return
+        if error.disposition in (Disposition.FAIL_MESSAGE, Disposition.FAIL_RECIPIENT):
+            await self._spool.fail(message.queue_id, error=error.message)
+            await self._record(error, settings, message.queue_id)
+            return
+        await self._defer(message, error, settings)
+
+    async def _defer(
+        self, message: QueuedMessage, error: RelayError, settings: MailSettings
+    ) -> None:
+        retry = self._config.retry
+        now = self._clock()
+        if now - message.queued_at >= retry.give_up_after:
+            days = retry.give_up_after / 86400
+            gave_up = UpstreamError(
+                f"Gave up after {days:g} days of retrying; last error: {error.message}",
+                code=error.code,
+                disposition=Disposition.FAIL_MESSAGE,
+            )
+            gave_up.category = error.category
+            await self._spool.fail(message.queue_id, error=gave_up.message)
+            await self._record(gave_up, settings, message.queue_id)
+            return
+
+        delay = retry_delay(
+            message.attempts + 1,
+            initial=retry.initial_delay,
+            multiplier=retry.multiplier,
+            maximum=retry.max_delay,
+            jitter=retry.jitter,
+        )
+        await self._spool.defer(
+            message.queue_id, next_attempt_at=now + delay, error=error.message
+        )
+        await self._record(error, settings, message.queue_id)
+
+    async def _record(
+        self,
+        error: RelayError,
+        settings: MailSettings,
+        queue_id: str | None,
+        *,
+        recipient: str | None = None,
+    ) -> None:
+        self.last_error = error
+        await asyncio.to_thread(
+            self._recorder.record_error,
+            error,
+            settings=settings,
+            queue_id=queue_id,
+            recipient=recipient,
+        )
+
+
+async def _close_session(session: UpstreamSession | None) -> None:
+    if session is not None:
+        await session.close()
+    return None
+
+
+class SpoolingSink(MessageSink):
+    """Store and forward (e-mail type `smtp`): 250 once the spool has it on disk."""
+
+    def __init__(self, *, spool: Spool, delivery: DeliveryService) -> None:
+        self._spool = spool
+        self._delivery = delivery
+        self.accepted_count = 0
+
+    async def accept(
+        self,
+        *,
+        mail_from: str,
+        recipients: list[str],
+        body: bytes,
+        smtputf8: bool,
+        body_8bit: bool,
+        client_address: str,
+    ) -> str:
+        queue_id = await self._spool.store(
+            mail_from=mail_from,
+            recipients=recipients,
+            body=body,
+            smtputf8=smtputf8,
+            body_8bit=body_8bit,
+            client_address=client_address,
+        )
+        self.accepted_count += 1
+        self._delivery.wake()
+        log.info(
+            "message_queued",
+            queue_id=queue_id,
+            size=len(body),
+            recipients=len(recipients),
+            client=client_address,
+        )
+        return f"250 2.0.0 OK queued as {queue_id}"
+
+
+class PassThroughSink(MessageSink):
+    """Pass-through (e-mail type `native`): the client gets the upstream's verdict."""
+
+    def __init__(
+        self,
+        *,
+        config: DaemonConfig,
+        settings: SettingsStore,
+        recorder: ErrorRecorder,
+        tls_context: ssl.SSLContext,
+        token_provider: TokenProvider | None = None,
+    ) -> None:
+        self._config = config
+        self._settings = settings
+        self._recorder = recorder
+        self._tls_context = tls_context
+        self._token_provider = token_provider
+
+    async def accept(
+        self,
+        *,
+        mail_from: str,
+        recipients: list[str],
+        body: bytes,
+        smtputf8: bool,
+        body_8bit: bool,
+        client_address: str,
+    ) -> str:
+        settings = self._settings.current
+        session = UpstreamSession(
+            settings=settings,
+            timeouts=self._config.timeouts,
+            tls_context=self._tls_context,
+            local_hostname=self._config.listen.hostname,
+            token_provider=self._token_provider,
+        )
+        try:
+            await session.open()
+            result = await session.send(
+                mail_from=mail_from,
+                recipients=recipients,
+                body=body,
+                smtputf8=smtputf8,
+                body_8bit=body_8bit,
+            )
+        except RelayError as error:
+            await asyncio.to_thread(self._recorder.record_error, error, settings=settings)
+            return _reply_for_failure(error)
+        finally:
+            await session.close()
+
+        for recipient, refusal in result.refused.items():
+            await asyncio.to_thread(
+                self._recorder.record_error, refusal, settings=settings, recipient=recipient
+            )
+        if result.accepted:
+            return f"250 2.0.0 Delivered by the upstream server: {_short(result.reply)}"
+        first = next(iter((result.refused | result.deferred).values()))
+        return _reply_for_failure(first)
+
+
+def _reply_for_failure(error: RelayError) -> str:
+    """The reply a pass-through client gets: temporary unless the message is refused."""
+    if isinstance(error, SmtpReplyError) and error.disposition in (
+        Disposition.FAIL_MESSAGE,
+        Disposition.FAIL_RECIPIENT,
+    ):
+        enhanced = error.enhanced_code or "5.0.0"
+        return f"{error.reply_code} {enhanced} {_short(error.reply_text)}"
+    # Our own credentials or the upstream's availability are never the client's
+    # fault: it should keep the message and try again.
+    return f"451 4.4.0 Upstream delivery not possible now ({error.category}); try again later"
+
+
+def _short(text: str) -> str:
+    return " ".join(text.split())[:300]
+
+
+class ModeSwitchingSink(MessageSink):
+    """Chooses store-and-forward or pass-through per message from the settings."""
+
+    def __init__(
+        self, *, settings: SettingsStore, spooling: SpoolingSink, passthrough: PassThroughSink
+    ) -> None:
+        self._settings = settings
+        self._spooling = spooling
+        self._passthrough = passthrough
+
+    async def accept(self, **message: object) -> str:  # type: ignore[override]
+        sink: MessageSink = (
+            self._passthrough
+            if self._settings.current.email_type == "native"
+            else self._spooling
+        )
+        return await sink.accept(**message)  # type: ignore[arg-type]

@@ -1,0 +1,396 @@
+"""The SMTP listener for legacy services: loopback only, strict, never silent.
+
+Built on aiosmtpd. The relay's rules on top of it: peers outside the allowed
+networks are refused at connect; every reply carries an RFC 3463 enhanced status
+code; the greeting names no software; a message is answered 250 only once the
+spool has it on disk; an internal fault is answered 451, never a 500 with an
+exception inside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from email.utils import format_datetime
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from relay.config import IpNetwork, ListenConfig
+from relay.errors import SpoolFullError
+
+log = structlog.get_logger(__name__)
+
+# The default enhanced status code for each reply code, for replies that aiosmtpd
+# writes without one (RFC 3463; RFC 2034 section 3 exempts greeting and EHLO).
+_ENHANCED_BY_REPLY = {
+    "221": "2.0.0",
+    "235": "2.7.0",
+    "250": "2.0.0",
+    "251": "2.1.5",
+    "252": "2.5.0",
+    "421": "4.3.0",
+    "451": "4.3.0",
+    "452": "4.3.1",
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "535": "5.7.8",
+    "538": "5.7.11",
+    "550": "5.1.0",
+    "552": "5.3.4",
+    "553": "5.1.3",
+    "554": "5.0.0",
+    "555": "5.5.4",
+}
+_ENHANCED_CODE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}(\s|$)")
+_LINE_BREAKS = re.compile(rb"\r\n|\r|\n")
+# Characters that would let an address inject commands or headers upstream.
+_FORBIDDEN_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>\s]")
+
+INTERNAL_ERROR_REPLY = "451 4.3.0 Local error in processing; the message was not accepted, try again later"
+STORAGE_FULL_REPLY = "452 4.3.1 Insufficient system storage; try again later"
+
+
+class MessageSink:
+    """What the listener hands accepted messages to (the spool or pass-through)."""
+
+    async def accept(
+        self,
+        *,
+        mail_from: str,
+        recipients: list[str],
+        body: bytes,
+        smtputf8: bool,
+        body_8bit: bool,
+        client_address: str,
+    ) -> str:
+        """Take the message; return the final reply to give the client."""
+        raise NotImplementedError
+
+
+def normalise_line_endings(body: bytes) -> bytes:
+    """Turn every bare CR or LF into CRLF, so one DATA can never hold two messages."""
+    return _LINE_BREAKS.sub(b"\r\n", body)
+
+
+def received_header(
+    *, helo: str | None, client_address: str, hostname: str, queue_hint: str
+) -> bytes:
+    """The RFC 5321 section 4.4 trace header this relay adds."""
+    stamp = format_datetime(datetime.now(UTC))
+    helo_text = _header_safe(helo or "unknown")
+    return (
+        f"Received: from {helo_text} ([{client_address}])\r\n"
+        f"\tby {hostname} (epp-mail-relay) with ESMTP id {queue_hint};\r\n"
+        f"\t{stamp}\r\n"
+    ).encode()
+
+
+def _header_safe(text: str) -> str:
+    return re.sub(r"[^\x21-\x7e]", "?", text)[:200]
+
+
+class RelayHandler:
+    """aiosmtpd handler: validates the envelope and hands the message on."""
+
+    def __init__(self, *, config: ListenConfig, sink: MessageSink) -> None:
+        self._config = config
+        self._sink = sink
+
+    async def handle_EHLO(  # noqa: N802 - aiosmtpd's hook name
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        kept = [r for r in responses if not r.startswith("250-AUTH") or _auth_on(server)]
+        # The last line is "250 HELP"; the extension goes before it.
+        kept.insert(len(kept) - 1, "250-ENHANCEDSTATUSCODES")
+        kept.insert(len(kept) - 1, "250-PIPELINING")
+        return kept
+
+    async def handle_MAIL(  # noqa: N802
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        if _FORBIDDEN_IN_ADDRESS.search(address):
+            return "553 5.1.7 The sender address has characters that are not allowed"
+        if address and not _valid_address(address, utf8=envelope.smtp_utf8):
+            return "553 5.1.7 The sender address is not valid"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Sender OK"
+
+    async def handle_RCPT(  # noqa: N802
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if len(envelope.rcpt_tos) >= self._config.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        if _FORBIDDEN_IN_ADDRESS.search(address) or not _valid_address(
+            address, utf8=envelope.smtp_utf8
+        ):
+            return "553 5.1.3 The recipient address is not valid"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Recipient OK"
+
+    async def handle_DATA(  # noqa: N802
+        self, server: SMTP, session: Session, envelope: Envelope
+    ) -> str:
+        raw = envelope.original_content or b""
+        client_address = _peer_host(session.peer)
+        body = normalise_line_endings(raw)
+        body_8bit = any(byte >= 0x80 for byte in body)
+        hint = f"{int(time.time() * 1000):x}"
+        body = (
+            received_header(
+                helo=session.host_name,
+                client_address=client_address,
+                hostname=self._config.hostname,
+                queue_hint=hint,
+            )
+            + body
+        )
+        try:
+            return await self._sink.accept(
+                mail_from=envelope.mail_from or "",
+                recipients=list(envelope.rcpt_tos),
+                body=body,
+                smtputf8=bool(envelope.smtp_utf8),
+                body_8bit=body_8bit,
+                client_address=client_address,
+            )
+        except SpoolFullError:
+            log.warning("spool_full", client=client_address)
+            return STORAGE_FULL_REPLY
+
+    async def handle_exception(self, error: Exception) -> str:
+        # aiosmtpd would otherwise answer "500 Error: (Type) text", which tells the
+        # client to give up and shows internals; a fault of ours is temporary.
+        log.error("inbound_internal_error", error_type=type(error).__name__, error=str(error))
+        return INTERNAL_ERROR_REPLY
+
+
+def _auth_on(server: SMTP) -> bool:
+    return bool(getattr(server, "relay_auth_enabled", False))
+
+
+def _valid_address(address: str, *, utf8: bool) -> bool:
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain or len(address) > 320:
+        return False
+    if not utf8 and not address.isascii():
+        return False
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _peer_host(peer: Any) -> str:
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer or "unknown")
+
+
+class RelaySMTP(SMTP):  # type: ignore[misc]
+    """aiosmtpd's SMTP with the relay's connection policy and reply style."""
+
+    def __init__(
+        self,
+        handler: RelayHandler,
+        *,
+        config: ListenConfig,
+        allowed_networks: Iterable[IpNetwork],
+        authenticator: Callable[..., AuthResult] | None,
+        connections: set[RelaySMTP],
+    ) -> None:
+        super().__init__(
+            handler,
+            data_size_limit=config.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=config.hostname,
+            # The greeting says what the server is for, not what software runs it.
+            ident="ESMTP ready",
+            timeout=config.idle_timeout,
+            auth_required=config.auth_required,
+            auth_require_tls=False,
+            authenticator=authenticator,
+            auth_exclude_mechanism=[] if authenticator else ["LOGIN", "PLAIN"],
+        )
+        self.relay_auth_enabled = authenticator is not None
+        self._allowed_networks = tuple(allowed_networks)
+        self._connections = connections
+        self._max_connections = config.max_connections
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        if self._original_transport is None and not self._peer_allowed(peer):
+            # Refuse before aiosmtpd starts a session: no greeting, no parsing.
+            self._refused = True
+            log.warning("inbound_peer_refused", peer=_peer_host(peer))
+            if isinstance(transport, asyncio.WriteTransport):
+                transport.write(b"554 5.7.1 Access denied: your address is not allowed\r\n")
+            transport.close()
+            return
+        if self._original_transport is None and len(self._connections) >= self._max_connections:
+            self._refused = True
+            if isinstance(transport, asyncio.WriteTransport):
+                transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
+            transport.close()
+            return
+        self._connections.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._connections.discard(self)
+        if self._refused:
+            return
+        super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        if self._refused:
+            return False
+        result: bool | None = super().eof_received()
+        return result
+
+    def _peer_allowed(self, peer: Any) -> bool:
+        host = _peer_host(peer)
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in network for network in self._allowed_networks)
+
+    async def push(self, status: str | bytes) -> None:
+        if isinstance(status, str):
+            status = _with_enhanced_code(status)
+        await super().push(status)
+
+
+def _with_enhanced_code(status: str) -> str:
+    code, separator, text = status[:3], status[3:4], status[4:]
+    if separator not in (" ", "-") or code not in _ENHANCED_BY_REPLY:
+        return status
+    # EHLO lines (RFC 2034 section 3) and replies that already have a code stay.
+    if separator == "-" or _ENHANCED_CODE.match(text) or (code == "250" and text == "HELP"):
+        return status
+    text = text.removeprefix("Error: ").removeprefix("Error ")
+    return f"{code}{separator}{_ENHANCED_BY_REPLY[code]} {text}"
+
+
+def load_inbound_credentials(path: Path) -> dict[str, str]:
+    """Read `username:password` lines for legacy clients that insist on AUTH."""
+    credentials: dict[str, str] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        username, colon, password = line.partition(":")
+        if not colon or not username:
+            raise ValueError(f"{path}:{number}: expected username:password")
+        credentials[username] = password
+    return credentials
+
+
+def make_authenticator(credentials: Mapping[str, str]) -> Callable[..., AuthResult]:
+    """An aiosmtpd authenticator checking local credentials in constant time."""
+
+    def authenticate(
+        server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        username = auth_data.login.decode("utf-8", "replace")
+        expected = credentials.get(username)
+        supplied = auth_data.password
+        ok = expected is not None and hmac.compare_digest(expected.encode(), supplied)
+        if not ok:
+            log.warning("inbound_auth_failed", username=username, mechanism=mechanism)
+        return AuthResult(success=ok, handled=False)
+
+    return authenticate
+
+
+class InboundServer:
+    """The listening sockets on every configured loopback address."""
+
+    def __init__(
+        self,
+        *,
+        config: ListenConfig,
+        sink: MessageSink,
+        authenticator: Callable[..., AuthResult] | None = None,
+    ) -> None:
+        self._config = config
+        self._handler = RelayHandler(config=config, sink=sink)
+        self._authenticator = authenticator
+        self._servers: list[asyncio.AbstractServer] = []
+        self.connections: set[RelaySMTP] = set()
+        self.port: int | None = None
+
+    def _protocol(self) -> RelaySMTP:
+        return RelaySMTP(
+            self._handler,
+            config=self._config,
+            allowed_networks=self._config.allowed_networks,
+            authenticator=self._authenticator,
+            connections=self.connections,
+        )
+
+    async def start(self) -> None:
+        """Bind every address; port 0 picks one free port shared by all of them."""
+        loop = asyncio.get_running_loop()
+        port = self._config.port
+        for address in self._config.addresses:
+            server = await loop.create_server(
+                self._protocol, host=address, port=port, reuse_address=True
+            )
+            self._servers.append(server)
+            if port == 0:
+                port = server.sockets[0].getsockname()[1]
+        self.port = port
+        log.info("inbound_listening", addresses=list(self._config.addresses), port=port)
+
+    async def stop(self, *, grace: float = 5.0) -> None:
+        """Stop accepting, give open sessions a moment, then close them."""
+        for server in self._servers:
+            server.close()
+        deadline = asyncio.get_running_loop().time() + grace
+        while self.connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.close()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+

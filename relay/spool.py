@@ -1,0 +1,1190 @@
+"""The durable queue: message bodies as files, envelopes and states in SQLite.
+
+RFC 5321 section 6.1: a server that answers 250 to DATA has taken responsibility
+for the message and must not lose it "because the host later crashes". The spool
+is where that promise is kept. Once `Spool.store` returns, the body file has been
+fsync'd, renamed into place, its directory fsync'd, and the envelope committed to
+SQLite (WAL, synchronous=FULL). Crash recovery at open puts messages whose delivery
+was cut short back in the queue, so a crash at any instant means a message is sent
+once or, at worst, twice; never zero times.
+
+The spool directory (directories 0700, files 0600):
+
+    spool.lock   held with flock(2) while a Spool is open: one owner at a time
+    spool.db     envelopes, per-recipient states, retry schedule (SQLite)
+    messages/    one file per message body, named by its queue id
+    tmp/         bodies being written; emptied at open
+
+The life of a message:
+
+    store ─> QUEUED ─claim_due─> SENDING ─record_attempt─> all delivered: removed
+               ^                   │
+               │                   ├─defer─> DEFERRED ─(due)─> claim_due
+               │                   ├─hold──> HELD ─release_held / retry_now─> QUEUED
+               │                   └─fail──> FAILED ─purge_failed─> removed
+               └── open() after a crash: SENDING ─> QUEUED
+
+DELIVERED names the outcome for callers; the spool keeps no delivered messages.
+The spool knows states and reasons as plain text: it does not know SMTP replies.
+It never stores a secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import errno
+import fcntl
+import functools
+import json
+import os
+import re
+import secrets
+import sqlite3
+import threading
+import time
+import types
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from relay.errors import SpoolError, SpoolFullError
+
+_T = TypeVar("_T")
+
+# Digits in ASCII order, so that ids sort as text the way their timestamps sort.
+_QUEUE_ID_DIGITS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+# Nine base-62 digits count microseconds since 1970 until the year 2398; seven
+# random digits keep ids unique across restarts even when the clock steps back.
+_QUEUE_ID_TIME_DIGITS = 9
+_QUEUE_ID_RANDOM_DIGITS = 7
+_QUEUE_ID_PATTERN = re.compile(r"[0-9A-Za-z]{16}")
+
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    queue_id         TEXT PRIMARY KEY,
+    mail_from        TEXT NOT NULL,
+    state            TEXT NOT NULL,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    queued_at        REAL NOT NULL,
+    next_attempt_at  REAL NOT NULL,
+    state_changed_at REAL NOT NULL,
+    size             INTEGER NOT NULL,
+    smtputf8         INTEGER NOT NULL,
+    body_8bit        INTEGER NOT NULL,
+    client_address   TEXT NOT NULL,
+    last_error       TEXT
+);
+CREATE INDEX IF NOT EXISTS messages_by_due_time ON messages (state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS recipients (
+    queue_id   TEXT NOT NULL REFERENCES messages (queue_id) ON DELETE CASCADE,
+    position   INTEGER NOT NULL,
+    address    TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    reason     TEXT,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (queue_id, position),
+    UNIQUE (queue_id, address)
+);
+"""
+
+_INSERT_MESSAGE = """
+INSERT INTO messages (
+    queue_id, mail_from, state, attempts, queued_at, next_attempt_at,
+    state_changed_at, size, smtputf8, body_8bit, client_address, last_error
+) VALUES (?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, NULL)
+"""
+_INSERT_RECIPIENT = """
+INSERT INTO recipients (queue_id, position, address, state, updated_at)
+VALUES (?, ?, ?, 'pending', ?)
+"""
+_SELECT_MESSAGE = "SELECT * FROM messages WHERE queue_id = ?"
+_SELECT_DUE_MESSAGES = """
+SELECT * FROM messages
+WHERE state IN ('queued', 'deferred') AND next_attempt_at <= ?
+ORDER BY next_attempt_at, queue_id LIMIT ?
+"""
+_SELECT_MESSAGES = """
+SELECT * FROM messages WHERE ? IS NULL OR state = ?
+ORDER BY queued_at, queue_id LIMIT ?
+"""
+_DEFER_MESSAGE = """
+UPDATE messages SET state = 'deferred', next_attempt_at = ?, last_error = ?,
+    attempts = attempts + ?, state_changed_at = ?
+WHERE queue_id = ?
+"""
+_HOLD_MESSAGE = """
+UPDATE messages SET state = 'held', last_error = ?, state_changed_at = ?
+WHERE queue_id = ?
+"""
+# The states to requeue come as a JSON array; a NULL queue id means every message.
+_REQUEUE_MESSAGES = """
+UPDATE messages SET state = 'queued', next_attempt_at = ?, state_changed_at = ?
+WHERE state IN (SELECT value FROM json_each(?)) AND (? IS NULL OR queue_id = ?)
+"""
+_MISSING_BODY_ERROR = "The message file is missing from the spool"
+
+
+class MessageState(enum.StrEnum):
+    """Where a message is in its life; see the module docstring for the moves."""
+
+    QUEUED = "queued"
+    SENDING = "sending"
+    DEFERRED = "deferred"
+    HELD = "held"
+    FAILED = "failed"
+    DELIVERED = "delivered"
+
+
+class RecipientState(enum.StrEnum):
+    """The outcome so far for one recipient of a message."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class QueuedMessage:
+    """A spooled message's envelope and schedule, without its body."""
+
+    queue_id: str
+    mail_from: str
+    # Only the recipients still waiting for delivery.
+    recipients: tuple[str, ...]
+    state: MessageState
+    attempts: int
+    # When the message was first accepted, for giving up after some days;
+    # unrelated to how often it was tried.
+    queued_at: float
+    next_attempt_at: float
+    size: int
+    smtputf8: bool
+    body_8bit: bool
+    client_address: str
+    last_error: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class _NewMessage:
+    queue_id: str
+    mail_from: str
+    recipients: tuple[str, ...]
+    size: int
+    smtputf8: bool
+    body_8bit: bool
+    client_address: str
+    queued_at: float
+
+
+@dataclass(eq=False)
+class _PendingStore:
+    """A body already in messages/ whose rows wait for the next group commit."""
+
+    message: _NewMessage
+    committed: asyncio.Future[None]
+
+
+_NO_FAILURES: Mapping[str, str] = types.MappingProxyType({})
+
+
+class Spool:
+    """The durable message queue in one directory; see the module docstring."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        min_free_bytes: int = 64 * 1024 * 1024,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.directory = Path(directory)
+        self.min_free_bytes = min_free_bytes
+        self._clock = clock
+        self._messages_dir = self.directory / "messages"
+        self._tmp_dir = self.directory / "tmp"
+        self._database_path = self.directory / "spool.db"
+
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._lock_descriptor: int | None = None
+        self._messages_dir_descriptor: int | None = None
+
+        # One writer at a time: SQLite serializes writers anyway, and a connection
+        # must not carry two threads' statements inside one transaction.
+        self._writer_lock = asyncio.Lock()
+        self._reader_lock = asyncio.Lock()
+        self._pending_stores: list[_PendingStore] = []
+        self._queue_id_lock = threading.Lock()
+        self._last_queue_id_micros = 0
+
+    # Opening and closing
+
+    async def open(self) -> int:
+        """Open the spool and recover from a crash; return how many were requeued.
+
+        Messages left SENDING by a crash go back to QUEUED, due now. Body files
+        without a row (the process died between the rename and the commit, so
+        nobody was told 250) and leftover temporary files are removed. A row whose
+        body file has gone is marked FAILED so that an operator sees it.
+        """
+        if self._writer is not None:
+            raise RuntimeError("the spool is already open")
+
+        return await self._in_thread(self._open_blocking, action="opening the spool")
+
+    async def close(self) -> None:
+        """Close the database and give up the directory lock; waits for writers."""
+        if self._writer is None:
+            return
+
+        async with self._writer_lock, self._reader_lock:
+            await self._in_thread(self._close_blocking, action="closing the spool")
+
+    def _open_blocking(self) -> int:
+        for directory in (self.directory, self._messages_dir, self._tmp_dir):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(directory, 0o700)
+        self._lock_descriptor = _lock_directory(self.directory)
+
+        try:
+            self._messages_dir_descriptor = os.open(
+                self._messages_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+            )
+            self._connect()
+            for directory in (self.directory, self._messages_dir, self._tmp_dir):
+                # New directories and the new database file are entries in their
+                # parents; only an fsync of the parent makes them survive a crash.
+                _fsync_directory(directory)
+            return self._recover()
+        except BaseException:
+            self._close_blocking()
+            raise
+
+    def _connect(self) -> None:
+        # Created here so that SQLite, which gives its -wal and -shm files the
+        # database file's mode, never makes a world-readable file.
+        descriptor = os.open(
+            self._database_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
+        os.fchmod(descriptor, 0o600)
+        os.close(descriptor)
+
+        writer = _connect_database(self._database_path)
+        self._writer = writer
+        journal_mode = writer.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if journal_mode != "wal":
+            raise SpoolError(
+                f"The spool database {self._database_path} cannot use WAL journaling"
+            )
+        # FULL: in WAL mode the log is fsync'd at every commit, so a commit that
+        # returned is on disk; NORMAL would trade that for speed.
+        writer.execute("PRAGMA synchronous = FULL")
+        writer.execute("PRAGMA foreign_keys = ON")
+        version = writer.execute("PRAGMA user_version").fetchone()[0]
+        if version > _SCHEMA_VERSION:
+            raise SpoolError(
+                f"The spool database {self._database_path} was written by a newer "
+                f"version of the relay (schema {version})"
+            )
+        writer.executescript(_SCHEMA)
+        writer.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+
+        reader = _connect_database(self._database_path)
+        reader.execute("PRAGMA query_only = ON")
+        self._reader = reader
+
+    def _recover(self) -> int:
+        now = self._clock()
+        with self._write_transaction() as connection:
+            recovered = connection.execute(
+                "UPDATE messages SET state = ?, next_attempt_at = ?, "
+                "state_changed_at = ? WHERE state = ?",
+                (MessageState.QUEUED, now, now, MessageState.SENDING),
+            ).rowcount
+            spooled = {
+                row["queue_id"]: MessageState(row["state"])
+                for row in connection.execute("SELECT queue_id, state FROM messages")
+            }
+            body_files = {
+                entry.name
+                for entry in os.scandir(self._messages_dir)
+                if entry.is_file(follow_symlinks=False)
+            }
+            bodiless = [
+                queue_id
+                for queue_id, state in spooled.items()
+                if queue_id not in body_files and state is not MessageState.FAILED
+            ]
+            for queue_id in bodiless:
+                self._fail_message(connection, queue_id, _MISSING_BODY_ERROR, now)
+
+        for name in body_files - spooled.keys():
+            (self._messages_dir / name).unlink(missing_ok=True)
+        for entry in os.scandir(self._tmp_dir):
+            if entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+        return recovered
+
+    def _close_blocking(self) -> None:
+        for connection in (self._reader, self._writer):
+            if connection is not None:
+                connection.close()
+        self._reader = None
+        self._writer = None
+
+        if self._messages_dir_descriptor is not None:
+            os.close(self._messages_dir_descriptor)
+            self._messages_dir_descriptor = None
+        if self._lock_descriptor is not None:
+            # Closing the descriptor releases the flock(2) lock with it.
+            os.close(self._lock_descriptor)
+            self._lock_descriptor = None
+
+    # Accepting messages
+
+    async def store(
+        self,
+        *,
+        mail_from: str,
+        recipients: Sequence[str],
+        body: bytes,
+        smtputf8: bool,
+        body_8bit: bool,
+        client_address: str,
+    ) -> str:
+        """Keep a message durably and return its queue id; only then may one say 250.
+
+        Raises SpoolFullError when the body would leave less than min_free_bytes
+        free on the spool's file system, or the disk fills up meanwhile; nothing
+        partial is left behind. Other file and database failures raise SpoolError.
+        """
+        unique_recipients = _unique_recipients(recipients)
+        self._require_open()
+
+        queue_id = await self._in_thread(
+            functools.partial(self._write_body_file, body), action="storing a message"
+        )
+        await self._commit_new_message(
+            _NewMessage(
+                queue_id=queue_id,
+                mail_from=mail_from,
+                recipients=unique_recipients,
+                size=len(body),
+                smtputf8=smtputf8,
+                body_8bit=body_8bit,
+                client_address=client_address,
+                queued_at=self._clock(),
+            )
+        )
+        return queue_id
+
+    async def store_from_file(
+        self,
+        temp_file: Path,
+        *,
+        mail_from: str,
+        recipients: Sequence[str],
+        smtputf8: bool,
+        body_8bit: bool,
+        client_address: str,
+    ) -> str:
+        """Keep a body already written to a file from `new_temp_file`; as `store`.
+
+        The spool takes the file over: it is moved into the queue on success and
+        removed on failure.
+        """
+        unique_recipients = _unique_recipients(recipients)
+        self._require_open()
+        if Path(temp_file).parent != self._tmp_dir:
+            raise ValueError(f"{temp_file} is not a temporary file of this spool")
+
+        queue_id, size = await self._in_thread(
+            functools.partial(self._adopt_temp_file, Path(temp_file)),
+            action="storing a message",
+        )
+        await self._commit_new_message(
+            _NewMessage(
+                queue_id=queue_id,
+                mail_from=mail_from,
+                recipients=unique_recipients,
+                size=size,
+                smtputf8=smtputf8,
+                body_8bit=body_8bit,
+                client_address=client_address,
+                queued_at=self._clock(),
+            )
+        )
+        return queue_id
+
+    def new_temp_file(self) -> Path:
+        """Create an empty private file on the spool's file system to stream into."""
+        self._require_open()
+
+        path = self._tmp_dir / f"incoming-{secrets.token_hex(8)}.tmp"
+        descriptor = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+        )
+        os.fchmod(descriptor, 0o600)
+        os.close(descriptor)
+        return path
+
+    def _write_body_file(self, body: bytes) -> str:
+        self._check_free_space(len(body))
+        queue_id = self._unused_queue_id()
+        temporary = self._tmp_dir / f"{queue_id}.tmp"
+
+        descriptor = os.open(
+            temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+        )
+        try:
+            try:
+                os.fchmod(descriptor, 0o600)
+                _write_all(descriptor, body)
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+            # rename(2) is atomic: messages/ never holds a half-written body. The
+            # new entry is made durable by the directory fsync at commit.
+            os.rename(temporary, self.body_path(queue_id))
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        return queue_id
+
+    def _adopt_temp_file(self, temp_file: Path) -> tuple[str, int]:
+        try:
+            descriptor = os.open(temp_file, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.fchmod(descriptor, 0o600)
+                size = os.fstat(descriptor).st_size
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+            self._check_free_space(0)
+            queue_id = self._unused_queue_id()
+            os.rename(temp_file, self.body_path(queue_id))
+        except BaseException:
+            temp_file.unlink(missing_ok=True)
+            raise
+        return queue_id, size
+
+    def _check_free_space(self, incoming_bytes: int) -> None:
+        usage = os.statvfs(self._tmp_dir)
+        free_bytes = usage.f_bavail * usage.f_frsize
+        if free_bytes - incoming_bytes < self.min_free_bytes:
+            raise SpoolFullError(
+                f"The mail spool is full: {_megabytes(free_bytes)} free on the file "
+                f"system of {self.directory}, {_megabytes(self.min_free_bytes)} must "
+                "stay free"
+            )
+
+    def _unused_queue_id(self) -> str:
+        queue_id = self._new_queue_id()
+        # Only after the clock stepped back and seven random digits repeated; a
+        # rename over an existing body would silently lose that message.
+        while self.body_path(queue_id).exists():
+            queue_id = self._new_queue_id()
+        return queue_id
+
+    def _new_queue_id(self) -> str:
+        with self._queue_id_lock:
+            micros = max(int(self._clock() * 1_000_000), self._last_queue_id_micros + 1)
+            self._last_queue_id_micros = micros
+        return _base62(micros, _QUEUE_ID_TIME_DIGITS) + _base62(
+            secrets.randbelow(62**_QUEUE_ID_RANDOM_DIGITS), _QUEUE_ID_RANDOM_DIGITS
+        )
+
+    async def _commit_new_message(self, message: _NewMessage) -> None:
+        """Commit a stored body's rows, together with any other stores waiting.
+
+        Group commit: while one batch pays for its directory fsync and database
+        commit, later stores queue up, and whoever holds the writer lock next
+        commits all of them in one transaction.
+        """
+        pending = _PendingStore(message, asyncio.get_running_loop().create_future())
+        self._pending_stores.append(pending)
+
+        try:
+            async with self._writer_lock:
+                if pending in self._pending_stores:
+                    await self._commit_pending_stores()
+        except asyncio.CancelledError:
+            if pending in self._pending_stores:
+                # Nobody will answer 250 for it, so its body must not linger.
+                self._pending_stores.remove(pending)
+                self.body_path(message.queue_id).unlink(missing_ok=True)
+            raise
+
+        await pending.committed
+
+    async def _commit_pending_stores(self) -> None:
+        batch, self._pending_stores = self._pending_stores, []
+        messages = [pending.message for pending in batch]
+
+        task = self._start_in_thread(
+            functools.partial(self._insert_new_messages, messages),
+            action="storing a message",
+        )
+        # Settled from the task, so that the whole batch learns the outcome even if
+        # the store that started the commit is cancelled.
+        task.add_done_callback(functools.partial(_settle_pending_stores, batch))
+        await _wait_until_done(task)
+
+    def _insert_new_messages(self, messages: list[_NewMessage]) -> None:
+        connection = self._writer_connection()
+        now = self._clock()
+
+        try:
+            # fsync(2) on a file does not persist the directory entry that names
+            # it (POSIX leaves that to the directory): fsync messages/ itself, so
+            # that no committed row can point at a rename lost in a crash.
+            os.fsync(self._directory_descriptor())
+            connection.execute("BEGIN IMMEDIATE")
+            connection.executemany(
+                _INSERT_MESSAGE,
+                [
+                    (
+                        message.queue_id,
+                        message.mail_from,
+                        message.queued_at,
+                        message.queued_at,
+                        now,
+                        message.size,
+                        message.smtputf8,
+                        message.body_8bit,
+                        message.client_address,
+                    )
+                    for message in messages
+                ],
+            )
+            connection.executemany(
+                _INSERT_RECIPIENT,
+                [
+                    (message.queue_id, position, address, now)
+                    for message in messages
+                    for position, address in enumerate(message.recipients)
+                ],
+            )
+        except BaseException:
+            _rollback(connection)
+            self._remove_body_files(message.queue_id for message in messages)
+            raise
+
+        try:
+            connection.execute("COMMIT")
+        except sqlite3.Error as exc:
+            _rollback(connection)
+            # After an I/O error the commit record may already be in the log and
+            # the rows may come back at the next open, so their bodies stay; open()
+            # removes them if the rows do not. A full disk wrote no commit record.
+            if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                self._remove_body_files(message.queue_id for message in messages)
+            raise
+
+    # Delivering messages
+
+    async def claim_due(
+        self, *, limit: int, now: float | None = None
+    ) -> list[QueuedMessage]:
+        """Mark up to `limit` due QUEUED or DEFERRED messages SENDING and return them.
+
+        The longest-due come first (earliest next_attempt_at, then oldest queue
+        id). A claimed message is not claimed again until delivery reports on it
+        or the spool is reopened after a crash.
+        """
+        due_by = self._clock() if now is None else now
+        return await self._write(
+            functools.partial(self._claim_due_blocking, limit, due_by),
+            action="claiming due messages",
+        )
+
+    def _claim_due_blocking(self, limit: int, due_by: float) -> list[QueuedMessage]:
+        now = self._clock()
+        with self._write_transaction() as connection:
+            claimed = _fetch_messages(connection, _SELECT_DUE_MESSAGES, (due_by, limit))
+            connection.executemany(
+                "UPDATE messages SET state = ?, state_changed_at = ? "
+                "WHERE queue_id = ?",
+                [(MessageState.SENDING, now, message.queue_id) for message in claimed],
+            )
+        return [
+            dataclasses.replace(message, state=MessageState.SENDING)
+            for message in claimed
+        ]
+
+    async def read_body(self, queue_id: str) -> bytes:
+        """The message's body, byte for byte as it was stored."""
+        path = self.body_path(queue_id)
+        return await self._in_thread(
+            functools.partial(_read_body_file, path), action="reading a message"
+        )
+
+    def body_path(self, queue_id: str) -> Path:
+        """Where the body of a message lives; refuses anything but a queue id."""
+        if not _QUEUE_ID_PATTERN.fullmatch(queue_id):
+            raise ValueError(f"not a queue id: {queue_id!r}")
+        return self._messages_dir / queue_id
+
+    async def record_attempt(
+        self,
+        queue_id: str,
+        *,
+        delivered: Sequence[str] = (),
+        failed: Mapping[str, str] = _NO_FAILURES,
+    ) -> QueuedMessage | None:
+        """Record per-recipient outcomes; return the message, or None once it is gone.
+
+        `failed` maps a recipient to the reason it was refused for good. When no
+        recipient is pending any more, a message delivered to all is removed (row
+        and body) and None returned; one with a failed recipient becomes FAILED and
+        keeps its body until purged. While recipients are pending the state is left
+        as it is, for the caller to defer, hold or fail the rest. Recipients already
+        settled, or unknown, are ignored.
+        """
+        message, removed = await self._write(
+            functools.partial(
+                self._record_attempt_blocking, queue_id, tuple(delivered), dict(failed)
+            ),
+            action="recording a delivery attempt",
+        )
+        if removed:
+            # The row went first: a crash before this unlink leaves an orphan
+            # file for open() to remove, never a row without its body.
+            await self._in_thread(
+                functools.partial(self._remove_body_files, [queue_id]),
+                action="removing a delivered message",
+            )
+        return message
+
+    def _record_attempt_blocking(
+        self, queue_id: str, delivered: tuple[str, ...], failed: dict[str, str]
+    ) -> tuple[QueuedMessage | None, bool]:
+        now = self._clock()
+        with self._write_transaction() as connection:
+            connection.executemany(
+                "UPDATE recipients SET state = ?, reason = NULL, updated_at = ? "
+                "WHERE queue_id = ? AND address = ? AND state = ?",
+                [
+                    (
+                        RecipientState.DELIVERED,
+                        now,
+                        queue_id,
+                        address,
+                        RecipientState.PENDING,
+                    )
+                    for address in delivered
+                ],
+            )
+            connection.executemany(
+                "UPDATE recipients SET state = ?, reason = ?, updated_at = ? "
+                "WHERE queue_id = ? AND address = ? AND state = ?",
+                [
+                    (
+                        RecipientState.FAILED,
+                        reason,
+                        now,
+                        queue_id,
+                        address,
+                        RecipientState.PENDING,
+                    )
+                    for address, reason in failed.items()
+                ],
+            )
+            states = _recipient_state_counts(connection, queue_id)
+
+            if not states or states.get(RecipientState.PENDING):
+                messages = _fetch_messages(connection, _SELECT_MESSAGE, (queue_id,))
+                return (messages[0] if messages else None), False
+
+            if states.get(RecipientState.FAILED):
+                reasons = connection.execute(
+                    "SELECT address, reason FROM recipients "
+                    "WHERE queue_id = ? AND state = ? ORDER BY position",
+                    (queue_id, RecipientState.FAILED),
+                ).fetchall()
+                summary = "; ".join(f"{row[0]}: {row[1]}" for row in reasons)
+                self._fail_message(connection, queue_id, summary, now)
+                failed_message = _fetch_messages(
+                    connection, _SELECT_MESSAGE, (queue_id,)
+                )
+                return failed_message[0], False
+
+            connection.execute("DELETE FROM messages WHERE queue_id = ?", (queue_id,))
+            return None, True
+
+    async def defer(
+        self,
+        queue_id: str,
+        *,
+        next_attempt_at: float,
+        error: str,
+        count_attempt: bool = True,
+    ) -> None:
+        """Put a message off until `next_attempt_at`, remembering why."""
+        parameters = (
+            next_attempt_at,
+            error,
+            int(count_attempt),
+            self._clock(),
+            queue_id,
+        )
+        await self._write(
+            functools.partial(self._execute, _DEFER_MESSAGE, parameters),
+            action="deferring a message",
+        )
+
+    async def hold(self, queue_id: str, *, error: str) -> None:
+        """Keep a message from being claimed until it is released."""
+        parameters = (error, self._clock(), queue_id)
+        await self._write(
+            functools.partial(self._execute, _HOLD_MESSAGE, parameters),
+            action="holding a message",
+        )
+
+    async def fail(self, queue_id: str, *, error: str) -> None:
+        """Give up on a whole message: it and its pending recipients become FAILED."""
+        await self._write(
+            functools.partial(self._fail_blocking, queue_id, error),
+            action="failing a message",
+        )
+
+    def _fail_blocking(self, queue_id: str, error: str) -> None:
+        with self._write_transaction() as connection:
+            self._fail_message(connection, queue_id, error, self._clock())
+
+    async def release_held(self, *, now: float | None = None) -> int:
+        """Queue every HELD message again, due at `now`; return how many."""
+        due_at = self._clock() if now is None else now
+        return await self._write(
+            functools.partial(self._requeue, (MessageState.HELD,), None, due_at),
+            action="releasing held messages",
+        )
+
+    async def retry_now(self, queue_id: str | None = None) -> int:
+        """Queue one DEFERRED or HELD message again now, or all when None."""
+        return await self._write(
+            functools.partial(
+                self._requeue,
+                (MessageState.DEFERRED, MessageState.HELD),
+                queue_id,
+                self._clock(),
+            ),
+            action="retrying messages",
+        )
+
+    def _requeue(
+        self,
+        from_states: tuple[MessageState, ...],
+        queue_id: str | None,
+        due_at: float,
+    ) -> int:
+        parameters = (
+            due_at,
+            self._clock(),
+            json.dumps(list(from_states)),
+            queue_id,
+            queue_id,
+        )
+        return self._execute(_REQUEUE_MESSAGES, parameters)
+
+    # Operating the queue
+
+    async def delete(self, queue_id: str) -> bool:
+        """Remove a message (row and body) whatever its state; False if unknown."""
+        deleted = await self._write(
+            functools.partial(self._delete_rows, [queue_id]),
+            action="deleting a message",
+        )
+        await self._in_thread(
+            functools.partial(self._remove_body_files, deleted),
+            action="deleting a message",
+        )
+        return bool(deleted)
+
+    async def purge_failed(self, *, older_than: float) -> int:
+        """Remove FAILED messages that failed before `older_than`; return how many."""
+        expired = await self._read(
+            functools.partial(self._expired_failures, older_than),
+            action="purging failed messages",
+        )
+        deleted = await self._write(
+            functools.partial(self._delete_rows, expired, MessageState.FAILED),
+            action="purging failed messages",
+        )
+        await self._in_thread(
+            functools.partial(self._remove_body_files, deleted),
+            action="purging failed messages",
+        )
+        return len(deleted)
+
+    def _expired_failures(self, older_than: float) -> list[str]:
+        with self._read_transaction() as connection:
+            return [
+                row["queue_id"]
+                for row in connection.execute(
+                    "SELECT queue_id FROM messages "
+                    "WHERE state = ? AND state_changed_at < ?",
+                    (MessageState.FAILED, older_than),
+                )
+            ]
+
+    def _delete_rows(
+        self, queue_ids: list[str], only_state: MessageState | None = None
+    ) -> list[str]:
+        sql = "DELETE FROM messages WHERE queue_id = ?"
+        if only_state is not None:
+            sql += " AND state = ?"
+
+        deleted = []
+        with self._write_transaction() as connection:
+            for queue_id in queue_ids:
+                parameters = (
+                    (queue_id,) if only_state is None else (queue_id, only_state)
+                )
+                if connection.execute(sql, parameters).rowcount:
+                    deleted.append(queue_id)
+        return deleted
+
+    async def get(self, queue_id: str) -> QueuedMessage | None:
+        """One message's envelope and schedule, or None if it is not spooled."""
+        messages = await self._read(
+            functools.partial(self._select, _SELECT_MESSAGE, (queue_id,)),
+            action="reading the queue",
+        )
+        return messages[0] if messages else None
+
+    async def list_messages(
+        self, *, state: MessageState | None = None, limit: int = 100
+    ) -> list[QueuedMessage]:
+        """Messages in the order they were accepted, optionally of one state."""
+        return await self._read(
+            functools.partial(self._select, _SELECT_MESSAGES, (state, state, limit)),
+            action="reading the queue",
+        )
+
+    async def counts_by_state(self) -> dict[MessageState, int]:
+        """How many messages are in each state, every state present."""
+        rows = await self._read(
+            functools.partial(
+                self._select_rows,
+                "SELECT state, COUNT(*) FROM messages GROUP BY state",
+                (),
+            ),
+            action="reading the queue",
+        )
+        counts = dict.fromkeys(MessageState, 0)
+        counts.update({MessageState(row[0]): row[1] for row in rows})
+        return counts
+
+    async def next_due_at(self) -> float | None:
+        """The earliest next_attempt_at among QUEUED and DEFERRED messages."""
+        rows = await self._read(
+            functools.partial(
+                self._select_rows,
+                "SELECT MIN(next_attempt_at) FROM messages WHERE state IN (?, ?)",
+                (MessageState.QUEUED, MessageState.DEFERRED),
+            ),
+            action="reading the queue",
+        )
+        earliest: float | None = rows[0][0]
+        return earliest
+
+    async def recipient_states(
+        self, queue_id: str
+    ) -> dict[str, tuple[RecipientState, str | None]]:
+        """Every recipient of a message, in RCPT order, with its state and reason."""
+        rows = await self._read(
+            functools.partial(
+                self._select_rows,
+                "SELECT address, state, reason FROM recipients "
+                "WHERE queue_id = ? ORDER BY position",
+                (queue_id,),
+            ),
+            action="reading the queue",
+        )
+        return {row[0]: (RecipientState(row[1]), row[2]) for row in rows}
+
+    # Shared blocking helpers: run in a worker thread, under the right lock
+
+    def _execute(self, sql: str, parameters: Sequence[Any]) -> int:
+        with self._write_transaction() as connection:
+            changed: int = connection.execute(sql, parameters).rowcount
+        return changed
+
+    def _fail_message(
+        self, connection: sqlite3.Connection, queue_id: str, error: str, now: float
+    ) -> None:
+        connection.execute(
+            "UPDATE messages SET state = ?, last_error = ?, state_changed_at = ? "
+            "WHERE queue_id = ?",
+            (MessageState.FAILED, error, now, queue_id),
+        )
+        connection.execute(
+            "UPDATE recipients SET state = ?, reason = ?, updated_at = ? "
+            "WHERE queue_id = ? AND state = ?",
+            (RecipientState.FAILED, error, now, queue_id, RecipientState.PENDING),
+        )
+
+    def _remove_body_files(self, queue_ids: Iterable[str]) -> None:
+        # A body left behind by a failure here has no row any more, and the next
+        # open() removes it.
+        for queue_id in queue_ids:
+            with contextlib.suppress(OSError):
+                self.body_path(queue_id).unlink(missing_ok=True)
+
+    def _select(self, sql: str, parameters: tuple[Any, ...]) -> list[QueuedMessage]:
+        with self._read_transaction() as connection:
+            return _fetch_messages(connection, sql, parameters)
+
+    def _select_rows(self, sql: str, parameters: tuple[Any, ...]) -> list[sqlite3.Row]:
+        with self._read_transaction() as connection:
+            return connection.execute(sql, parameters).fetchall()
+
+    @contextlib.contextmanager
+    def _write_transaction(self) -> Iterator[sqlite3.Connection]:
+        connection = self._writer_connection()
+        # IMMEDIATE takes the write lock up front, so a transaction never fails
+        # half-way for want of it.
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield connection
+            connection.execute("COMMIT")
+        except BaseException:
+            _rollback(connection)
+            raise
+
+    @contextlib.contextmanager
+    def _read_transaction(self) -> Iterator[sqlite3.Connection]:
+        if self._reader is None:
+            raise RuntimeError("the spool is not open")
+        connection = self._reader
+        # One snapshot for the messages and their recipients.
+        connection.execute("BEGIN")
+        try:
+            yield connection
+        finally:
+            _rollback(connection)
+
+    def _require_open(self) -> None:
+        self._writer_connection()
+
+    def _writer_connection(self) -> sqlite3.Connection:
+        if self._writer is None:
+            raise RuntimeError("the spool is not open")
+        return self._writer
+
+    def _directory_descriptor(self) -> int:
+        if self._messages_dir_descriptor is None:
+            raise RuntimeError("the spool is not open")
+        return self._messages_dir_descriptor
+
+    # Running blocking work off the event loop
+
+    async def _write(self, work: Callable[[], _T], *, action: str) -> _T:
+        async with self._writer_lock:
+            return await self._in_thread(work, action=action)
+
+    async def _read(self, work: Callable[[], _T], *, action: str) -> _T:
+        async with self._reader_lock:
+            return await self._in_thread(work, action=action)
+
+    async def _in_thread(self, work: Callable[[], _T], *, action: str) -> _T:
+        task = self._start_in_thread(work, action=action)
+        await _wait_until_done(task)
+        return task.result()
+
+    def _start_in_thread(
+        self, work: Callable[[], _T], *, action: str
+    ) -> asyncio.Future[_T]:
+        def translated() -> _T:
+            with _translated_errors(action):
+                return work()
+
+        return asyncio.ensure_future(asyncio.to_thread(translated))
+
+
+async def _wait_until_done(task: asyncio.Future[Any]) -> None:
+    """Wait for work in a thread to end, even if the caller is cancelled meanwhile.
+
+    A thread cannot be stopped. Were its lock released early, the next writer's
+    statements would land inside this one's transaction.
+    """
+    cancellation: asyncio.CancelledError | None = None
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError as exc:
+            cancellation = exc
+
+    if cancellation is not None:
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancelled caller will not look at it
+        raise cancellation
+
+
+def _settle_pending_stores(
+    batch: list[_PendingStore], task: asyncio.Future[None]
+) -> None:
+    for pending in batch:
+        if pending.committed.done():
+            continue  # its store() was cancelled while waiting
+        if task.cancelled():
+            pending.committed.cancel()
+            continue
+        failure = task.exception()
+        if failure is None:
+            pending.committed.set_result(None)
+        else:
+            pending.committed.set_exception(failure)
+
+
+@contextlib.contextmanager
+def _translated_errors(action: str) -> Iterator[None]:
+    """Turn file and database failures into SpoolError, a full disk into SpoolFull."""
+    try:
+        yield
+    except SpoolError:
+        raise
+    except sqlite3.Error as exc:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            raise SpoolFullError(
+                f"The mail spool's disk is full while {action}", code="SQLITE_FULL"
+            ) from exc
+        raise SpoolError(f"The spool database failed while {action}: {exc}") from exc
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise SpoolFullError(
+                f"The mail spool's disk is full while {action}: {exc.strerror}",
+                code=errno.errorcode[exc.errno],
+            ) from exc
+        raise SpoolError(
+            f"The spool's files failed while {action}: {exc.strerror or exc}"
+            + (f" ({exc.filename})" if exc.filename else "")
+        ) from exc
+
+
+def _lock_directory(directory: Path) -> int:
+    """Take the spool for this process: a second owner would requeue our SENDING
+    messages as crash leftovers and delete bodies we have not committed yet."""
+    descriptor = os.open(
+        directory / "spool.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+    )
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        os.close(descriptor)
+        raise SpoolError(
+            f"The spool {directory} is in use by another relay process"
+        ) from exc
+    return descriptor
+
+
+def _connect_database(path: Path) -> sqlite3.Connection:
+    # Autocommit mode: transactions are begun and committed explicitly. Used by
+    # one worker thread at a time, under the spool's locks.
+    connection = sqlite3.connect(
+        path, timeout=30.0, isolation_level=None, check_same_thread=False
+    )
+    connection.row_factory = sqlite3.Row
+    return connection
+
+
+def _fetch_messages(
+    connection: sqlite3.Connection, sql: str, parameters: Sequence[Any]
+) -> list[QueuedMessage]:
+    rows = connection.execute(sql, parameters).fetchall()
+    if not rows:
+        return []
+
+    pending: dict[str, list[str]] = {row["queue_id"]: [] for row in rows}
+    for queue_id, address in connection.execute(
+        "SELECT queue_id, address FROM recipients WHERE state = ? "
+        "AND queue_id IN (SELECT value FROM json_each(?)) ORDER BY queue_id, position",
+        (RecipientState.PENDING, json.dumps(list(pending))),
+    ):
+        pending[queue_id].append(address)
+
+    return [
+        QueuedMessage(
+            queue_id=row["queue_id"],
+            mail_from=row["mail_from"],
+            recipients=tuple(pending[row["queue_id"]]),
+            state=MessageState(row["state"]),
+            attempts=row["attempts"],
+            queued_at=row["queued_at"],
+            next_attempt_at=row["next_attempt_at"],
+            size=row["size"],
+            smtputf8=bool(row["smtputf8"]),
+            body_8bit=bool(row["body_8bit"]),
+            client_address=row["client_address"],
+            last_error=row["last_error"],
+        )
+        for row in rows
+    ]
+
+
+def _recipient_state_counts(
+    connection: sqlite3.Connection, queue_id: str
+) -> dict[RecipientState, int]:
+    return {
+        RecipientState(row[0]): row[1]
+        for row in connection.execute(
+            "SELECT state, COUNT(*) FROM recipients WHERE queue_id = ? GROUP BY state",
+            (queue_id,),
+        )
+    }
+
+
+def _rollback(connection: sqlite3.Connection) -> None:
+    if connection.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            connection.execute("ROLLBACK")
+
+
+def _read_body_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise SpoolError(f"{_MISSING_BODY_ERROR} (queue id {path.name})") from exc
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _write_all(descriptor: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(descriptor, view)
+        view = view[written:]
+
+
+def _unique_recipients(recipients: Sequence[str]) -> tuple[str, ...]:
+    """The recipients in RCPT order, each once: a repeated RCPT is one delivery."""
+    if isinstance(recipients, str):
+        raise TypeError("recipients must be a sequence of addresses, not one string")
+    unique = tuple(dict.fromkeys(recipients))
+    if not unique:
+        raise ValueError("a message needs at least one recipient")
+    return unique
+
+
+def _base62(number: int, width: int) -> str:
+    digits = []
+    for _ in range(width):
+        number, remainder = divmod(number, 62)
+        digits.append(_QUEUE_ID_DIGITS[remainder])
+    return "".join(reversed(digits))
+
+
+def _megabytes(byte_count: int) -> str:
+    return f"{byte_count / (1024 * 1024):.0f} MB"

@@ -1,0 +1,369 @@
+"""One authenticated SMTP session with the upstream server, over verified TLS.
+
+The session connects, secures the channel (STARTTLS or implicit TLS), authenticates
+(AUTH PLAIN/LOGIN or XOAUTH2) and then carries any number of messages. It decides
+nothing about retries: every failure leaves as a `relay.errors` type, translated in
+one place (`translate_exception`) from aiosmtplib, ssl and socket exceptions.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import aiosmtplib
+
+from relay.config import MailSettings, TimeoutsConfig, TlsConfig
+from relay.errors import (
+    ConfigError,
+    Disposition,
+    RelayError,
+    SmtpReplyError,
+    Stage,
+    UpstreamConnectionError,
+    UpstreamDnsError,
+    UpstreamTimeoutError,
+    UpstreamTlsError,
+)
+
+TokenProvider = Callable[[], Awaitable[str]]
+
+_TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    """What the upstream did with one message."""
+
+    accepted: tuple[str, ...]
+    # Recipients refused for good (5xx at RCPT), with the reply as an error.
+    refused: dict[str, SmtpReplyError] = field(default_factory=dict)
+    # Recipients refused for now (4xx at RCPT): they stay pending.
+    deferred: dict[str, SmtpReplyError] = field(default_factory=dict)
+    reply: str = ""
+
+
+def build_tls_context(tls: TlsConfig) -> ssl.SSLContext:
+    """A client context that verifies certificates and host names, TLS 1.2 at least."""
+    context = ssl.create_default_context(
+        cafile=str(tls.ca_file) if tls.ca_file else None
+    )
+    context.minimum_version = _TLS_VERSIONS[tls.minimum_version]
+    context.check_hostname = True
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class UpstreamSession:
+    """A reusable, authenticated connection to the upstream SMTP server."""
+
+    def __init__(
+        self,
+        *,
+        settings: MailSettings,
+        timeouts: TimeoutsConfig,
+        tls_context: ssl.SSLContext,
+        local_hostname: str,
+        token_provider: TokenProvider | None = None,
+    ) -> None:
+        self.settings = settings
+        self._timeouts = timeouts
+        self._tls_context = tls_context
+        self._local_hostname = local_hostname
+        self._token_provider = token_provider
+        self._smtp: aiosmtplib.SMTP | None = None
+        self._in_sync = False
+        self.messages_sent = 0
+
+    @property
+    def usable(self) -> bool:
+        """Whether the next message may go over this connection."""
+        return self._smtp is not None and self._smtp.is_connected and self._in_sync
+
+    async def open(self) -> None:
+        """Connect, secure the channel and authenticate; raises a RelayError."""
+        settings = self.settings
+        if not settings.hostname:
+            raise ConfigError("hostname", "no upstream SMTP server is configured")
+        # RFC 6761 section 6.4: names under .invalid never resolve, so answer at
+        # once instead of asking a resolver that may not be reachable.
+        if settings.hostname.rstrip(".").lower().endswith(".invalid"):
+            raise UpstreamDnsError(settings.hostname)
+
+        implicit_tls = settings.encryption == "ssl"
+        smtp = aiosmtplib.SMTP(
+            hostname=settings.hostname,
+            port=settings.port,
+            local_hostname=self._local_hostname,
+            use_tls=implicit_tls,
+            start_tls=False,
+            tls_context=self._tls_context,
+            timeout=self._timeouts.command,
+        )
+        self._smtp = smtp
+        self._in_sync = False
+
+        stage = Stage.CONNECT
+        try:
+            await smtp.connect(timeout=self._timeouts.connect)
+            stage = Stage.EHLO
+            await smtp.ehlo()
+            if not implicit_tls:
+                stage = Stage.STARTTLS
+                if not smtp.supports_extension("starttls"):
+                    raise UpstreamTlsError(
+                        f"STARTTLS is not offered by {settings.hostname}:"
+                        f"{settings.port}; credentials are never sent without TLS"
+                    )
+                await smtp.starttls(server_hostname=settings.hostname)
+                stage = Stage.EHLO
+                await smtp.ehlo()
+            stage = Stage.AUTH
+            await self._authenticate(smtp)
+        except BaseException as exc:
+            smtp.close()
+            self._smtp = None
+            if isinstance(exc, RelayError):
+                raise
+            if isinstance(exc, Exception):
+                raise translate_exception(
+                    exc, stage=stage, settings=settings, timeouts=self._timeouts
+                ) from exc
+            raise
+
+        self._in_sync = True
+
+    async def _authenticate(self, smtp: aiosmtplib.SMTP) -> None:
+        settings = self.settings
+        offered = {method.lower() for method in smtp.supported_auth_methods}
+
+        if settings.auth_type == "oauth":
+            if self._token_provider is None:
+                raise ConfigError("auth_type", "OAuth is chosen but not set up")
+            if "xoauth2" not in offered:
+                raise ConfigError(
+                    "auth_type", f"{settings.hostname} does not offer AUTH XOAUTH2"
+                )
+            access_token = await self._token_provider()
+            await smtp.auth_xoauth2(settings.username, access_token)
+            return
+
+        if not settings.username:
+            raise ConfigError("username", "Basic authentication needs a username")
+        # PLAIN takes one round trip; Exchange Online offers only LOGIN.
+        if "plain" in offered:
+            await smtp.auth_plain(settings.username, settings.password)
+        elif "login" in offered:
+            await smtp.auth_login(settings.username, settings.password)
+        else:
+            raise ConfigError(
+                "auth_type",
+                f"{settings.hostname} offers neither AUTH PLAIN nor AUTH LOGIN",
+            )
+
+    async def send(
+        self,
+        *,
+        mail_from: str,
+        recipients: Sequence[str],
+        body: bytes,
+        smtputf8: bool,
+        body_8bit: bool,
+    ) -> DeliveryResult:
+        """Send one message; refused recipients come back in the result."""
+        if self._smtp is None or not self.usable:
+            raise UpstreamConnectionError("the upstream session is not open")
+        smtp = self._smtp
+
+        mail_options = [f"SIZE={len(body)}"]
+        if smtputf8 and smtp.supports_extension("smtputf8"):
+            mail_options.append("SMTPUTF8")
+        if body_8bit and smtp.supports_extension("8bitmime"):
+            mail_options.append("BODY=8BITMIME")
+        address_encoding = "utf-8" if smtputf8 else "ascii"
+
+        # Until the transaction ends cleanly, the connection is not to be reused.
+        self._in_sync = False
+        stage = Stage.MAIL
+        try:
+            await self._mail(smtp, mail_from, mail_options, address_encoding)
+
+            stage = Stage.RCPT
+            accepted: list[str] = []
+            refused: dict[str, SmtpReplyError] = {}
+            deferred: dict[str, SmtpReplyError] = {}
+            for recipient in recipients:
+                response = await smtp.execute_command(
+                    b"RCPT", b"TO:<" + recipient.encode(address_encoding) + b">"
+                )
+                if response.code in (250, 251):
+                    accepted.append(recipient)
+                    continue
+                error = SmtpReplyError(
+                    response.code, response.message, stage=Stage.RCPT, recipient=recipient
+                )
+                if error.disposition is Disposition.FAIL_RECIPIENT:
+                    refused[recipient] = error
+                elif error.disposition is Disposition.DEFER:
+                    deferred[recipient] = error
+                else:
+                    raise error
+
+            if not accepted:
+                await self._reset(smtp)
+                return DeliveryResult(accepted=(), refused=refused, deferred=deferred)
+
+            stage = Stage.DATA
+            response = await smtp.data(body, timeout=self._timeouts.data)
+        except SmtpReplyError as error:
+            if error.reply_code != 421:
+                await self._reset(smtp)
+            raise
+        except RelayError:
+            raise
+        except Exception as exc:
+            smtp.close()
+            raise translate_exception(
+                exc, stage=stage, settings=self.settings, timeouts=self._timeouts
+            ) from exc
+
+        self._in_sync = True
+        self.messages_sent += 1
+        return DeliveryResult(
+            accepted=tuple(accepted),
+            refused=refused,
+            deferred=deferred,
+            reply=f"{response.code} {response.message}",
+        )
+
+    async def _mail(
+        self,
+        smtp: aiosmtplib.SMTP,
+        mail_from: str,
+        options: list[str],
+        encoding: str,
+    ) -> None:
+        # The null reverse-path of a bounce must go out as MAIL FROM:<> (RFC 5321
+        # section 4.5.5), which the library's address quoting does not keep.
+        arguments = [b"FROM:<" + mail_from.encode(encoding) + b">"]
+        arguments += [option.encode("ascii") for option in options]
+        response = await smtp.execute_command(b"MAIL", *arguments)
+        if response.code != 250:
+            raise SmtpReplyError(response.code, response.message, stage=Stage.MAIL)
+
+    async def _reset(self, smtp: aiosmtplib.SMTP) -> None:
+        """End a failed transaction; a session that cannot RSET is not reused."""
+        try:
+            response = await smtp.rset()
+        except Exception:
+            smtp.close()
+            return
+        self._in_sync = response.code == 250
+
+    async def verify(self) -> None:
+        """Check an open session is still alive (NOOP) before reusing it."""
+        if self._smtp is None:
+            return
+        try:
+            response = await self._smtp.noop(timeout=min(10.0, self._timeouts.command))
+        except Exception:
+            self._in_sync = False
+            self._smtp.close()
+            return
+        self._in_sync = response.code == 250
+
+    async def close(self) -> None:
+        """Say QUIT if the server is still listening, then drop the connection."""
+        smtp, self._smtp = self._smtp, None
+        self._in_sync = False
+        if smtp is None:
+            return
+        try:
+            if smtp.is_connected:
+                await smtp.quit(timeout=5.0)
+        except Exception:
+            # QUIT is a courtesy: a server that has already gone needs nothing more.
+            smtp.close()
+
+
+def translate_exception(
+    exc: BaseException,
+    *,
+    stage: Stage,
+    settings: MailSettings,
+    timeouts: TimeoutsConfig,
+) -> RelayError:
+    """Map an aiosmtplib, ssl or socket exception to the relay's error types."""
+    host, port = settings.hostname, settings.port
+    causes = list(_exception_chain(exc))
+
+    for cause in causes:
+        if isinstance(cause, socket.gaierror):
+            return UpstreamDnsError(host)
+
+    for cause in causes:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return UpstreamTlsError(_certificate_problem(cause, host))
+        if isinstance(cause, ssl.SSLError):
+            reason = cause.reason or type(cause).__name__
+            return UpstreamTlsError(f"TLS handshake failed - {reason.lower()}")
+
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+            stage = Stage.AUTH
+        return SmtpReplyError(exc.code, exc.message, stage=stage)
+
+    if isinstance(exc, aiosmtplib.SMTPConnectTimeoutError) or (
+        stage is Stage.CONNECT and isinstance(exc, TimeoutError)
+    ):
+        return UpstreamTimeoutError.while_connecting(
+            hostname=host, port=port, seconds=timeouts.connect
+        )
+    if isinstance(exc, TimeoutError):
+        seconds = timeouts.data if stage is Stage.DATA else timeouts.command
+        return UpstreamTimeoutError.waiting_for_reply(
+            hostname=host, port=port, seconds=seconds, stage=stage
+        )
+
+    for cause in causes:
+        if isinstance(cause, ConnectionRefusedError):
+            return UpstreamConnectionError(f"Connection refused by {host}:{port}")
+
+    if stage is Stage.STARTTLS and isinstance(exc, aiosmtplib.SMTPException):
+        return UpstreamTlsError(f"TLS handshake failed - {exc.message}")
+    if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
+        return UpstreamConnectionError(
+            f"Connection to {host}:{port} closed by the server during {stage.upper()}"
+        )
+    if isinstance(exc, aiosmtplib.SMTPException | OSError):
+        detail = exc.message if isinstance(exc, aiosmtplib.SMTPException) else str(exc)
+        return UpstreamConnectionError(
+            f"Connection to {host}:{port} failed during {stage.upper()}: {detail}"
+        )
+    return UpstreamConnectionError(
+        f"Unexpected failure talking to {host}:{port} during {stage.upper()}: "
+        f"{type(exc).__name__}"
+    )
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _certificate_problem(error: ssl.SSLCertVerificationError, host: str) -> str:
+    detail = (error.verify_message or "").lower()
+    if "hostname mismatch" in detail or "ip address mismatch" in detail:
+        return (
+            "TLS handshake failed - peer certificate validation error: "
+            f"the certificate is not valid for {host}"
+        )
+    if "expired" in detail:
+        return "TLS handshake failed - peer certificate validation error: expired"
+    return "TLS handshake failed - peer certificate validation error"

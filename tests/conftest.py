@@ -1,0 +1,197 @@
+"""Shared fixtures: the sandbox Exchange, a relay on loopback, marker secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import smtplib
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.app import RelayApp
+from relay.config import MailSettings, parse_daemon_config, write_mail_settings
+from relay.sandbox.certs import SandboxPKI
+from relay.sandbox.exchange import SandboxExchange
+
+MAILBOX = "relay@contoso.test"
+# Marker secrets: tests search every output for these.
+PASSWORD = "Marker-Password-q7Zr9XkP2w"
+INBOUND_PASSWORD = "Marker-Inbound-Pw-L4mQ8tVb"
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> SandboxPKI:
+    return SandboxPKI.create(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+async def exchange(pki: SandboxPKI) -> AsyncIterator[SandboxExchange]:
+    server = SandboxExchange(pki=pki, users={MAILBOX: PASSWORD})
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+def relay_config_dict(
+    directory: Path, *, ca_file: Path, overrides: dict[str, dict[str, Any]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """A daemon configuration for a relay on a free loopback port under `directory`."""
+    raw: dict[str, dict[str, Any]] = {
+        "listen": {"addresses": ["127.0.0.1"], "port": 0, "idle_timeout": 30.0},
+        "paths": {
+            "spool_dir": str(directory / "spool"),
+            "settings_file": str(directory / "mail-settings.json"),
+            "token_cache": str(directory / "token-cache.json"),
+            "log_file": str(directory / "logs" / "epp_mail.log"),
+            "database": str(directory / "logs" / "epp_mail.db"),
+        },
+        "retry": {"initial_delay": 0.3, "max_delay": 1.0, "jitter": 0.1},
+        "timeouts": {"connect": 5.0, "command": 5.0, "data": 30.0},
+        "tls": {"ca_file": str(ca_file)},
+        "delivery": {"poll_interval": 0.1},
+        "logs": {"syslog": False},
+    }
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+def basic_settings(port: int, **changes: Any) -> MailSettings:
+    values: dict[str, Any] = {
+        "auth_type": "basic",
+        "email_type": "smtp",
+        "hostname": "localhost",
+        "port": port,
+        "username": MAILBOX,
+        "password": PASSWORD,
+        "encryption": "starttls",
+        "admin_email": "admin@contoso.test",
+    }
+    values.update(changes)
+    return MailSettings(**values)
+
+
+@dataclass
+class RunningRelay:
+    app: RelayApp
+    directory: Path
+
+    @property
+    def port(self) -> int:
+        assert self.app.inbound.port is not None
+        return self.app.inbound.port
+
+    @property
+    def log_file(self) -> Path:
+        return self.app.config.paths.log_file
+
+    def rows(self) -> list[dict[str, Any]]:
+        return read_rows(self.app.config.paths.database)
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        return read_log_lines(self.log_file)
+
+
+def read_rows(database: Path) -> list[dict[str, Any]]:
+    if not database.exists():
+        return []
+    connection = sqlite3.connect(database)
+    connection.row_factory = sqlite3.Row
+    try:
+        return [
+            dict(row)
+            for row in connection.execute("SELECT * FROM mail_server_logs ORDER BY id")
+        ]
+    finally:
+        connection.close()
+
+
+def read_log_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+RelayFactory = Callable[..., Awaitable[RunningRelay]]
+
+
+@pytest.fixture
+async def start_relay(
+    tmp_path: Path, pki: SandboxPKI
+) -> AsyncIterator[RelayFactory]:
+    """Start relays with given Mail Settings and config overrides; stop them after."""
+    started: list[RelayApp] = []
+
+    async def factory(
+        settings: MailSettings,
+        *,
+        overrides: dict[str, dict[str, Any]] | None = None,
+        directory: Path | None = None,
+    ) -> RunningRelay:
+        directory = directory or tmp_path / f"relay{len(started)}"
+        raw = relay_config_dict(directory, ca_file=pki.ca_file, overrides=overrides)
+        config = parse_daemon_config(raw, base_dir=directory)
+        write_mail_settings(config.paths.settings_file, settings)
+        app = RelayApp(config)
+        await app.start()
+        started.append(app)
+        return RunningRelay(app=app, directory=directory)
+
+    yield factory
+    for app in started:
+        await app.stop()
+
+
+def send_mail(
+    port: int,
+    *,
+    mail_from: str = MAILBOX,
+    recipients: list[str] | None = None,
+    body: bytes = b"Subject: hello\r\n\r\nHello from a legacy service.\r\n",
+    mail_options: list[str] | None = None,
+) -> tuple[int, bytes]:
+    """Send one message as a legacy service would; returns the DATA reply."""
+    recipients = recipients or ["ops@contoso.test"]
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+        client.ehlo("legacy.local")
+        client.mail(mail_from, mail_options or [])
+        for recipient in recipients:
+            client.rcpt(recipient)
+        return client.data(body)
+
+
+async def send_mail_async(port: int, **kwargs: Any) -> tuple[int, bytes]:
+    return await asyncio.to_thread(send_mail, port, **kwargs)
+
+
+async def wait_for(
+    predicate: Callable[[], bool], *, timeout: float = 15.0, interval: float = 0.05
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(interval)
+
+
+def strip_received(data: bytes) -> bytes:
+    """The message without the relay's leading Received: header (and its folds)."""
+    assert data.startswith(b"Received: ")
+    lines = data.split(b"\r\n")
+    index = 1
+    while lines[index].startswith((b"\t", b" ")):
+        index += 1
+    return b"\r\n".join(lines[index:])
+
+
+@pytest.fixture
+def captured_secrets() -> Iterator[list[str]]:
+    yield [PASSWORD, INBOUND_PASSWORD]

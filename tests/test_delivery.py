@@ -1,0 +1,110 @@
+"""Retry, hold and partial delivery, against the sandbox Exchange on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+
+from relay.delivery import retry_delay
+from relay.sandbox.exchange import SandboxExchange
+from tests.conftest import RelayFactory, basic_settings, send_mail_async, wait_for
+
+
+def test_delivery_retry_delay_doubles_up_to_the_cap() -> None:
+    delays = [
+        retry_delay(attempt, initial=60, multiplier=2, maximum=3600, jitter=0)
+        for attempt in range(1, 9)
+    ]
+    assert delays == [60, 120, 240, 480, 960, 1920, 3600, 3600]
+
+
+def test_delivery_retry_delay_jitter_stays_within_its_fraction() -> None:
+    delays = [
+        retry_delay(3, initial=60, multiplier=2, maximum=3600, jitter=0.2)
+        for _ in range(200)
+    ]
+    assert 240 * 0.8 <= min(delays) and max(delays) <= 240 * 1.2
+
+
+async def test_delivery_partial_refusal_delivers_the_others_and_names_the_refused(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    exchange.inject("rcpt", "550 5.1.1 User unknown; RecipientNotFound", match="gone@contoso.test")
+    relay = await start_relay(basic_settings(exchange.port))
+    await send_mail_async(
+        relay.port, recipients=["ops@contoso.test", "gone@contoso.test", "dev@contoso.test"]
+    )
+    await exchange.wait_for_messages(1, timeout=15)
+    await wait_for(lambda: len(relay.rows()) == 1)
+    row = relay.rows()[0]
+    assert (exchange.messages[0].rcpt_tos, row["recipient"], row["code"]) == (
+        ["ops@contoso.test", "dev@contoso.test"],
+        "gone@contoso.test",
+        "550 5.1.1",
+    )
+
+
+async def test_delivery_auth_error_holds_the_queue_with_bounded_rows(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    exchange.inject("auth", "535 5.7.3 Authentication unsuccessful [SANDBOX]")
+    relay = await start_relay(basic_settings(exchange.port))
+    for _ in range(5):
+        await send_mail_async(relay.port)
+    await wait_for(lambda: relay.app.delivery.held)
+    await asyncio.sleep(2.0)  # many retry periods of this configuration
+    counts = await relay.app.spool.counts_by_state()
+    assert (
+        len(relay.rows()),
+        exchange.messages,
+        exchange.auth_failures <= 3,
+        sum(counts.values()),
+        counts.get("failed", 0),
+    ) == (1, [], True, 5, 0)
+
+
+async def test_delivery_resumes_after_the_settings_are_fixed(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(basic_settings(exchange.port, password="wrong-password"))
+    for _ in range(3):
+        await send_mail_async(relay.port)
+    await wait_for(lambda: relay.app.delivery.held)
+    relay.app.settings.save(basic_settings(exchange.port))
+    await exchange.wait_for_messages(3, timeout=20)
+    assert len(exchange.messages) == 3
+
+
+async def test_delivery_outage_then_recovery_delivers_everything(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(basic_settings(exchange.port))
+    await exchange.stop()
+    for number in range(6):
+        await send_mail_async(relay.port, body=f"Subject: n{number}\r\n\r\nx\r\n".encode())
+    await wait_for(lambda: any(r["category"] == "connection" for r in relay.rows()))
+    await exchange.start()
+    await exchange.wait_for_messages(6, timeout=30)
+    subjects = sorted(m.data.split(b"Subject: ")[1][:2] for m in exchange.messages)
+    assert subjects == [f"n{n}".encode() for n in range(6)]
+
+
+async def test_delivery_421_defers_and_then_delivers(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    exchange.inject("mail", "421 4.3.2 Service not available, closing transmission channel", times=2)
+    relay = await start_relay(basic_settings(exchange.port))
+    await send_mail_async(relay.port)
+    await exchange.wait_for_messages(1, timeout=20)
+    assert [r["code"] for r in relay.rows()] == ["421 4.3.2"]
+
+
+async def test_delivery_reuses_one_connection_for_many_messages(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(
+        basic_settings(exchange.port), overrides={"delivery": {"concurrency": 1}}
+    )
+    for _ in range(5):
+        await send_mail_async(relay.port)
+    await exchange.wait_for_messages(5, timeout=20)
+    assert exchange.sessions_authenticated == 1

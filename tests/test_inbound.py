@@ -1,0 +1,246 @@
+"""The legacy-facing SMTP listener, spoken to over real loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import smtplib
+import socket
+from pathlib import Path
+
+import pytest
+
+from relay.sandbox.exchange import SandboxExchange
+from tests.conftest import (
+    INBOUND_PASSWORD,
+    RelayFactory,
+    basic_settings,
+    send_mail_async,
+    strip_received,
+)
+
+
+def _dialogue(port: int, lines: list[bytes], *, read_greeting: bool = True) -> list[bytes]:
+    """Send raw command lines one by one; return each raw reply."""
+    replies: list[bytes] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        stream = sock.makefile("rb")
+        if read_greeting:
+            replies.append(_read_reply(stream))
+        for line in lines:
+            sock.sendall(line)
+            replies.append(_read_reply(stream))
+    return replies
+
+
+def _read_reply(stream: object) -> bytes:
+    reply = b""
+    while True:
+        line: bytes = stream.readline()  # type: ignore[attr-defined]
+        reply += line
+        if len(line) < 4 or line[3:4] != b"-":
+            return reply
+
+
+async def test_inbound_greeting_reveals_no_software_version(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(basic_settings(exchange.port))
+    replies = await asyncio.to_thread(_dialogue, relay.port, [b"QUIT\r\n"])
+    assert replies[0].startswith(b"220 ") and b"Python" not in replies[0] and b"aiosmtpd" not in replies[0].lower() and b"1." not in replies[0]
+
+
+async def test_inbound_ehlo_advertises_size_8bitmime_smtputf8_enhancedstatuscodes(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(basic_settings(exchange.port))
+    replies = await asyncio.to_thread(_dialogue, relay.port, [b"EHLO legacy\r\n"])
+    advertised = {line[4:].split(b" ")[0] for line in replies[1].split(b"\r\n") if line}
+    assert {b"SIZE", b"8BITMIME", b"SMTPUTF8", b"ENHANCEDSTATUSCODES", b"PIPELINING"} <= advertised
+
+
+async def test_inbound_every_reply_carries_an_enhanced_status_code(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(basic_settings(exchange.port))
+    replies = await asyncio.to_thread(
+        _dialogue,
+        relay.port,
+        [
+            b"EHLO legacy\r\n",
+            b"RCPT TO:<a@b.test>\r\n",
+            b"MAIL FROM:<a@b.test>\r\n",
+            b"MAIL FROM:<a@b.test>\r\n",
+            b"RCPT TO:<ops@contoso.test>\r\n",
+            b"BOGUS\r\n",
+            b"RSET\r\n",
+            b"NOOP\r\n",
+            b"QUIT\r\n",
+        ],
+    )
+    import re
+
+    pattern = re.compile(rb"^\d{3} [245]\.\d{1,3}\.\d{1,3} ")
+    assert all(pattern.match(reply) for reply in replies[2:]), replies
+
+
+async def test_inbound_declared_size_too_big_is_refused_at_mail(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(
+        basic_settings(exchange.port), overrides={"listen": {"max_message_size": 100_000}}
+    )
+    replies = await asyncio.to_thread(
+        _dialogue, relay.port, [b"EHLO legacy\r\n", b"MAIL FROM:<a@b.test> SIZE=200000\r\n"]
+    )
+    assert replies[2].startswith(b"552 5.3.4 ")
+
+
+async def test_inbound_oversize_data_is_refused_with_552(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(
+        basic_settings(exchange.port), overrides={"listen": {"max_message_size": 10_000}}
+    )
+    body = b"Subject: big\r\n\r\n" + b"x" * 100 + b"\r\n" * 200 + b"y" * 20_000 + b"\r\n"
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        await send_mail_async(relay.port, body=body.replace(b"y" * 20_000, b"yy\r\n" * 5000))
+    assert refused.value.smtp_code == 552
+
+
+async def test_inbound_bare_lf_cannot_smuggle_a_second_message(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(basic_settings(exchange.port))
+    smuggle = (
+        b"Subject: first\r\n\r\nbody\n.\r\nMAIL FROM:<evil@x.test>\r\n"
+        b"RCPT TO:<victim@contoso.test>\r\nDATA\r\nSubject: smuggled\r\n\r\nx\r\n.\r\n"
+    )
+    replies = await asyncio.to_thread(
+        _dialogue,
+        relay.port,
+        [
+            b"EHLO legacy\r\n",
+            b"MAIL FROM:<relay@contoso.test>\r\n",
+            b"RCPT TO:<ops@contoso.test>\r\n",
+            b"DATA\r\n",
+            smuggle,
+        ],
+    )
+    assert replies[-1].startswith(b"250 ")
+    await exchange.wait_for_messages(1, timeout=15)
+    await asyncio.sleep(0.5)
+    assert [m.rcpt_tos for m in exchange.messages] == [["ops@contoso.test"]]
+
+
+async def test_inbound_bare_line_endings_are_normalised_to_crlf(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(basic_settings(exchange.port))
+    await send_mail_async(relay.port, body=b"Subject: x\r\n\r\none\ntwo\rthree\r\n")
+    await exchange.wait_for_messages(1, timeout=15)
+    assert strip_received(exchange.messages[0].data) == b"Subject: x\r\n\r\none\r\ntwo\r\nthree\r\n"
+
+
+async def test_inbound_peer_outside_allowed_networks_is_refused_at_connect(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(
+        basic_settings(exchange.port),
+        overrides={"listen": {"allowed_networks": ["192.0.2.0/24"]}},
+    )
+    replies = await asyncio.to_thread(_dialogue, relay.port, [])
+    assert replies[0].startswith(b"554 5.7.1 ")
+
+
+async def test_inbound_spool_failure_is_answered_451_not_500(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(basic_settings(exchange.port))
+    await relay.app.spool.close()
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        await send_mail_async(relay.port)
+    assert (refused.value.smtp_code, refused.value.smtp_error[:5]) == (451, b"4.3.0")
+
+
+async def test_inbound_full_spool_is_answered_452_431(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(basic_settings(exchange.port))
+    relay.app.spool._min_free_bytes = 1 << 62  # a floor no file system can meet
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        await send_mail_async(relay.port)
+    assert (refused.value.smtp_code, refused.value.smtp_error[:5]) == (452, b"4.3.1")
+
+
+async def test_inbound_too_many_recipients_get_452_453(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(
+        basic_settings(exchange.port), overrides={"listen": {"max_recipients": 2}}
+    )
+    replies = await asyncio.to_thread(
+        _dialogue,
+        relay.port,
+        [
+            b"EHLO legacy\r\n",
+            b"MAIL FROM:<a@b.test>\r\n",
+            b"RCPT TO:<one@contoso.test>\r\n",
+            b"RCPT TO:<two@contoso.test>\r\n",
+            b"RCPT TO:<three@contoso.test>\r\n",
+        ],
+    )
+    assert replies[-1].startswith(b"452 4.5.3 ")
+
+
+def _credentials_file(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "inbound-users"
+    path.write_text(f"printer:{INBOUND_PASSWORD}\n")
+    path.chmod(0o600)
+    return path
+
+
+async def test_inbound_auth_login_prompts_username_and_password(
+    exchange: SandboxExchange, start_relay: RelayFactory, tmp_path: Path
+) -> None:
+    credentials = _credentials_file(tmp_path / "auth")
+    relay = await start_relay(
+        basic_settings(exchange.port),
+        overrides={"listen": {"auth_credentials_file": str(credentials)}},
+    )
+    replies = await asyncio.to_thread(
+        _dialogue,
+        relay.port,
+        [
+            b"EHLO legacy\r\n",
+            b"AUTH LOGIN\r\n",
+            base64.b64encode(b"printer") + b"\r\n",
+            base64.b64encode(INBOUND_PASSWORD.encode()) + b"\r\n",
+        ],
+    )
+    prompts = [base64.b64decode(reply[4:].strip()) for reply in replies[2:4]]
+    assert (prompts, replies[4][:9]) == ([b"Username:", b"Password:"], b"235 2.7.0")
+
+
+async def test_inbound_auth_failure_is_535_578(
+    exchange: SandboxExchange, start_relay: RelayFactory, tmp_path: Path
+) -> None:
+    credentials = _credentials_file(tmp_path / "auth")
+    relay = await start_relay(
+        basic_settings(exchange.port),
+        overrides={"listen": {"auth_credentials_file": str(credentials)}},
+    )
+    wrong = base64.b64encode(b"\0printer\0not-the-password")
+    replies = await asyncio.to_thread(
+        _dialogue, relay.port, [b"EHLO legacy\r\n", b"AUTH PLAIN " + wrong + b"\r\n"]
+    )
+    assert replies[-1].startswith(b"535 5.7.8 ")
+
+
+async def test_inbound_without_credentials_offers_no_auth(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(basic_settings(exchange.port))
+    replies = await asyncio.to_thread(_dialogue, relay.port, [b"EHLO legacy\r\n"])
+    assert b"AUTH" not in replies[1]
