@@ -11,7 +11,12 @@ import signal
 import structlog
 
 from relay.config import DaemonConfig, SettingsStore
-from relay.delivery import DeliveryService, ModeSwitchingSink, PassThroughSink, SpoolingSink
+from relay.delivery import (
+    DeliveryService,
+    ModeSwitchingSink,
+    PassThroughSink,
+    SpoolingSink,
+)
 from relay.errors import ConfigError, SpoolError
 from relay.inbound import InboundServer, load_inbound_credentials, make_authenticator
 from relay.logsink import REDACTOR, LogSink

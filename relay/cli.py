@@ -92,13 +92,19 @@ def format_log_table(rows: Sequence[dict[str, object]], *, width: int = 70) -> s
             str(row["auth_type"]).title(),
             str(row["status"]),
             _clip(str(row["log_message"]), width)
-            + (f" (x{row['repeat_count']})" if int(str(row.get("repeat_count") or 1)) > 1 else ""),
+            + (
+                f" (x{row['repeat_count']})"
+                if int(str(row.get("repeat_count") or 1)) > 1
+                else ""
+            ),
             str(row["registered_at"]),
         )
         for row in rows
     ]
     widths = [
-        max(len(header), *(len(line[index]) for line in lines)) if lines else len(header)
+        max(len(header), *(len(line[index]) for line in lines))
+        if lines
+        else len(header)
         for index, header in enumerate(headers)
     ]
     rule = "+".join("-" * (w + 2) for w in widths)
@@ -106,7 +112,10 @@ def format_log_table(rows: Sequence[dict[str, object]], *, width: int = 70) -> s
         " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)),
         rule,
     ]
-    out += [" | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
+    out += [
+        " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True))
+        for line in lines
+    ]
     if not lines:
         out.append("(no rows)")
     return "\n".join(out)
@@ -123,7 +132,7 @@ def command_queue(arguments: argparse.Namespace) -> int:
 
     async def listing() -> list[dict[str, object]]:
         spool = Spool(config.paths.spool_dir)
-        await spool.open()
+        await spool.open(read_only=True)
         try:
             messages = await spool.list_messages(limit=arguments.limit)
         finally:

@@ -275,7 +275,9 @@ def _validate_daemon_config(config: DaemonConfig) -> None:
         try:
             ipaddress.ip_address(address)
         except ValueError as exc:
-            raise ConfigError("listen.addresses", f"not an IP address: {address}") from exc
+            raise ConfigError(
+                "listen.addresses", f"not an IP address: {address}"
+            ) from exc
     if listen.max_message_size < 1024:
         raise ConfigError("listen.max_message_size", "must be at least 1024 bytes")
     if listen.max_recipients < 1:
@@ -342,7 +344,11 @@ def parse_mail_settings(raw: Mapping[str, Any]) -> MailSettings:
             raise ConfigError(key, "is too long (2048 characters at most)")
         elif any(ch in value for ch in "\r\n\x00"):
             raise ConfigError(key, "must not contain line breaks or NUL characters")
-        values[key] = value.strip() if isinstance(value, str) and key not in SECRET_FIELDS else value
+        values[key] = (
+            value.strip()
+            if isinstance(value, str) and key not in SECRET_FIELDS
+            else value
+        )
 
     settings = MailSettings(**values)
     _validate_mail_settings(settings)
@@ -356,7 +362,11 @@ def _validate_mail_settings(settings: MailSettings) -> None:
         raise ConfigError("email_type", 'must be "native" or "smtp"')
     if settings.encryption not in ("starttls", "ssl"):
         raise ConfigError("encryption", 'must be "starttls" or "ssl"')
-    if settings.oauth_flow not in ("authorization_code", "client_credentials", "device_code"):
+    if settings.oauth_flow not in (
+        "authorization_code",
+        "client_credentials",
+        "device_code",
+    ):
         raise ConfigError(
             "oauth_flow",
             'must be "authorization_code", "client_credentials" or "device_code"',

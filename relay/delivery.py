@@ -162,7 +162,8 @@ class DeliveryService:
                         self._queue.get(), timeout=IDLE_SESSION_SECONDS
                     )
                 except TimeoutError:
-                    session = await _close_session(session)
+                    await _close_session(session)
+                    session = None
                     continue
                 self._idle_workers -= 1
                 try:
@@ -181,8 +182,11 @@ class DeliveryService:
         if self.held:
             await self._spool.hold(message.queue_id, error=message.last_error or "held")
             return session
-        if session is not None and (session.settings is not settings or not session.usable):
-            session = await _close_session(session)
+        if session is not None and (
+            session.settings is not settings or not session.usable
+        ):
+            await _close_session(session)
+            session = None
 
         try:
             if session is None:
@@ -204,7 +208,8 @@ class DeliveryService:
             )
         except RelayError as error:
             if session is not None and not session.usable:
-                session = await _close_session(session)
+                await _close_session(session)
+                session = None
             await self._handle_failure(message, error, settings)
             return session
 
@@ -219,16 +224,26 @@ class DeliveryService:
         *,
         started: float,
     ) -> None:
-        failed = {recipient: error.message for recipient, error in result.refused.items()}
+        failed = {
+            recipient: error.message for recipient, error in result.refused.items()
+        }
         remaining = await self._spool.record_attempt(
             message.queue_id, delivered=result.accepted, failed=failed
         )
         for recipient, error in result.refused.items():
             await self._record(error, settings, message.queue_id, recipient=recipient)
 
-        if remaining is not None and remaining.recipients and result.deferred:
-            first_error = next(iter(result.deferred.values()))
-            await self._defer(remaining, first_error, settings)
+        if remaining is not None and remaining.recipients:
+            # Recipients the server put off (4xx) wait for the next try; any other
+            # leftover is a recipient it never answered for, tried again the same way.
+            pending_error: RelayError = next(
+                iter(result.deferred.values()),
+                UpstreamError(
+                    "The upstream server did not accept every recipient",
+                    disposition=Disposition.DEFER,
+                ),
+            )
+            await self._defer(remaining, pending_error, settings)
 
         self.delivered_count += len(result.accepted)
         log.info(
@@ -407,14 +422,19 @@ class PassThroughSink(MessageSink):
                 body_8bit=body_8bit,
             )
         except RelayError as error:
-            await asyncio.to_thread(self._recorder.record_error, error, settings=settings)
+            await asyncio.to_thread(
+                self._recorder.record_error, error, settings=settings
+            )
             return _reply_for_failure(error)
         finally:
             await session.close()
 
         for recipient, refusal in result.refused.items():
             await asyncio.to_thread(
-                self._recorder.record_error, refusal, settings=settings, recipient=recipient
+                self._recorder.record_error,
+                refusal,
+                settings=settings,
+                recipient=recipient,
             )
         if result.accepted:
             return f"250 2.0.0 Delivered by the upstream server: {_short(result.reply)}"
@@ -432,7 +452,10 @@ def _reply_for_failure(error: RelayError) -> str:
         return f"{error.reply_code} {enhanced} {_short(error.reply_text)}"
     # Our own credentials or the upstream's availability are never the client's
     # fault: it should keep the message and try again.
-    return f"451 4.4.0 Upstream delivery not possible now ({error.category}); try again later"
+    return (
+        f"451 4.4.0 Upstream delivery not possible now ({error.category}); "
+        "try again later"
+    )
 
 
 def _short(text: str) -> str:
@@ -443,16 +466,36 @@ class ModeSwitchingSink(MessageSink):
     """Chooses store-and-forward or pass-through per message from the settings."""
 
     def __init__(
-        self, *, settings: SettingsStore, spooling: SpoolingSink, passthrough: PassThroughSink
+        self,
+        *,
+        settings: SettingsStore,
+        spooling: SpoolingSink,
+        passthrough: PassThroughSink,
     ) -> None:
         self._settings = settings
         self._spooling = spooling
         self._passthrough = passthrough
 
-    async def accept(self, **message: object) -> str:  # type: ignore[override]
+    async def accept(
+        self,
+        *,
+        mail_from: str,
+        recipients: list[str],
+        body: bytes,
+        smtputf8: bool,
+        body_8bit: bool,
+        client_address: str,
+    ) -> str:
         sink: MessageSink = (
             self._passthrough
             if self._settings.current.email_type == "native"
             else self._spooling
         )
-        return await sink.accept(**message)  # type: ignore[arg-type]
+        return await sink.accept(
+            mail_from=mail_from,
+            recipients=recipients,
+            body=body,
+            smtputf8=smtputf8,
+            body_8bit=body_8bit,
+            client_address=client_address,
+        )

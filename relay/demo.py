@@ -133,7 +133,8 @@ async def _run(directory: Path, started: float) -> int:
         print(f"3. a message to {REFUSED}, whom the server refuses (550 5.1.1)")
         exchange.inject(
             "rcpt",
-            "550 5.1.1 User unknown; RecipientNotFound; Recipient not found by SMTP address lookup",
+            "550 5.1.1 User unknown; RecipientNotFound; "
+            "Recipient not found by SMTP address lookup",
             match=REFUSED,
         )
         await asyncio.to_thread(
@@ -141,13 +142,17 @@ async def _run(directory: Path, started: float) -> int:
         )
         await exchange.wait_for_messages(3, timeout=20)
 
-        print("4. a message while the server refuses AUTH (535 5.7.3): the queue is held")
+        print(
+            "4. a message while the server refuses AUTH (535 5.7.3): the queue is held"
+        )
         exchange.inject("auth", "535 5.7.3 Authentication unsuccessful [SANDBOX]")
         await asyncio.to_thread(
             _send, port, _plain_message(), recipients=["ops@contoso.test"]
         )
         await _wait_until(lambda: app.delivery.held, timeout=20)
-        print("   ... held. The administrator saves the settings again; delivery resumes.")
+        print(
+            "   ... held. The administrator saves the settings again; delivery resumes."
+        )
         exchange.clear_faults()
         app.settings.save(settings)
         app.delivery.wake()

@@ -15,8 +15,8 @@ import ipaddress
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
-from email.utils import format_datetime
 from datetime import UTC, datetime
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,9 @@ _LINE_BREAKS = re.compile(rb"\r\n|\r|\n")
 # Characters that would let an address inject commands or headers upstream.
 _FORBIDDEN_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>\s]")
 
-INTERNAL_ERROR_REPLY = "451 4.3.0 Local error in processing; the message was not accepted, try again later"
+INTERNAL_ERROR_REPLY = (
+    "451 4.3.0 Local error in processing; the message was not accepted, try again later"
+)
 STORAGE_FULL_REPLY = "452 4.3.1 Insufficient system storage; try again later"
 
 
@@ -108,7 +110,7 @@ class RelayHandler:
         self._config = config
         self._sink = sink
 
-    async def handle_EHLO(  # noqa: N802 - aiosmtpd's hook name
+    async def handle_EHLO(
         self,
         server: SMTP,
         session: Session,
@@ -117,13 +119,15 @@ class RelayHandler:
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
-        kept = [r for r in responses if not r.startswith("250-AUTH") or _auth_on(server)]
+        kept = [
+            r for r in responses if not r.startswith("250-AUTH") or _auth_on(server)
+        ]
         # The last line is "250 HELP"; the extension goes before it.
         kept.insert(len(kept) - 1, "250-ENHANCEDSTATUSCODES")
         kept.insert(len(kept) - 1, "250-PIPELINING")
         return kept
 
-    async def handle_MAIL(  # noqa: N802
+    async def handle_MAIL(
         self,
         server: SMTP,
         session: Session,
@@ -139,7 +143,7 @@ class RelayHandler:
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Sender OK"
 
-    async def handle_RCPT(  # noqa: N802
+    async def handle_RCPT(
         self,
         server: SMTP,
         session: Session,
@@ -157,7 +161,7 @@ class RelayHandler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Recipient OK"
 
-    async def handle_DATA(  # noqa: N802
+    async def handle_DATA(
         self, server: SMTP, session: Session, envelope: Envelope
     ) -> str:
         raw = envelope.original_content or b""
@@ -190,7 +194,9 @@ class RelayHandler:
     async def handle_exception(self, error: Exception) -> str:
         # aiosmtpd would otherwise answer "500 Error: (Type) text", which tells the
         # client to give up and shows internals; a fault of ours is temporary.
-        log.error("inbound_internal_error", error_type=type(error).__name__, error=str(error))
+        log.error(
+            "inbound_internal_error", error_type=type(error).__name__, error=str(error)
+        )
         return INTERNAL_ERROR_REPLY
 
 
@@ -217,7 +223,7 @@ def _peer_host(peer: Any) -> str:
     return str(peer or "unknown")
 
 
-class RelaySMTP(SMTP):  # type: ignore[misc]
+class RelaySMTP(SMTP):
     """aiosmtpd's SMTP with the relay's connection policy and reply style."""
 
     def __init__(
@@ -256,10 +262,15 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
             self._refused = True
             log.warning("inbound_peer_refused", peer=_peer_host(peer))
             if isinstance(transport, asyncio.WriteTransport):
-                transport.write(b"554 5.7.1 Access denied: your address is not allowed\r\n")
+                transport.write(
+                    b"554 5.7.1 Access denied: your address is not allowed\r\n"
+                )
             transport.close()
             return
-        if self._original_transport is None and len(self._connections) >= self._max_connections:
+        if (
+            self._original_transport is None
+            and len(self._connections) >= self._max_connections
+        ):
             self._refused = True
             if isinstance(transport, asyncio.WriteTransport):
                 transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
@@ -292,8 +303,9 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
-            status = _with_enhanced_code(status)
-        await super().push(status)
+            await super().push(_with_enhanced_code(status))
+        else:
+            await super().push(status)
 
 
 def _with_enhanced_code(status: str) -> str:
@@ -301,7 +313,11 @@ def _with_enhanced_code(status: str) -> str:
     if separator not in (" ", "-") or code not in _ENHANCED_BY_REPLY:
         return status
     # EHLO lines (RFC 2034 section 3) and replies that already have a code stay.
-    if separator == "-" or _ENHANCED_CODE.match(text) or (code == "250" and text == "HELP"):
+    if (
+        separator == "-"
+        or _ENHANCED_CODE.match(text)
+        or (code == "250" and text == "HELP")
+    ):
         return status
     text = text.removeprefix("Error: ").removeprefix("Error ")
     return f"{code}{separator}{_ENHANCED_BY_REPLY[code]} {text}"
@@ -325,7 +341,11 @@ def make_authenticator(credentials: Mapping[str, str]) -> Callable[..., AuthResu
     """An aiosmtpd authenticator checking local credentials in constant time."""
 
     def authenticate(
-        server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        mechanism: str,
+        auth_data: Any,
     ) -> AuthResult:
         if not isinstance(auth_data, LoginPassword):
             return AuthResult(success=False, handled=False)
@@ -385,7 +405,8 @@ class InboundServer:
         for server in self._servers:
             server.close()
         deadline = asyncio.get_running_loop().time() + grace
-        while self.connections and asyncio.get_running_loop().time() < deadline:
+        # Sessions end on their clients' schedule; the grace bounds the polling.
+        while self.connections and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         for connection in list(self.connections):
             if connection.transport is not None:
@@ -393,4 +414,3 @@ class InboundServer:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
-

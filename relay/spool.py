@@ -203,7 +203,7 @@ class Spool:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.directory = Path(directory)
-        self.min_free_bytes = min_free_bytes
+        self._min_free_bytes = min_free_bytes
         self._clock = clock
         self._messages_dir = self.directory / "messages"
         self._tmp_dir = self.directory / "tmp"
@@ -222,24 +222,39 @@ class Spool:
         self._queue_id_lock = threading.Lock()
         self._last_queue_id_micros = 0
 
+    @property
+    def min_free_bytes(self) -> int:
+        """Free space a store must leave on the spool's file system."""
+        return self._min_free_bytes
+
     # Opening and closing
 
-    async def open(self) -> int:
+    async def open(self, *, read_only: bool = False) -> int:
         """Open the spool and recover from a crash; return how many were requeued.
 
         Messages left SENDING by a crash go back to QUEUED, due now. Body files
         without a row (the process died between the rename and the commit, so
         nobody was told 250) and leftover temporary files are removed. A row whose
         body file has gone is marked FAILED so that an operator sees it.
+
+        `read_only` opens a spool that a running daemon owns, for looking only
+        (the queue command): no lock, no recovery, every write refused, returns 0.
+        Recovery beside a live owner would requeue the messages it is sending and
+        delete the bodies it has not committed yet.
         """
-        if self._writer is not None:
+        if self._reader is not None:
             raise RuntimeError("the spool is already open")
 
+        if read_only:
+            await self._in_thread(
+                self._open_read_only_blocking, action="opening the spool"
+            )
+            return 0
         return await self._in_thread(self._open_blocking, action="opening the spool")
 
     async def close(self) -> None:
         """Close the database and give up the directory lock; waits for writers."""
-        if self._writer is None:
+        if self._reader is None:
             return
 
         async with self._writer_lock, self._reader_lock:
@@ -264,6 +279,13 @@ class Spool:
         except BaseException:
             self._close_blocking()
             raise
+
+    def _open_read_only_blocking(self) -> None:
+        if not self._database_path.is_file():
+            raise SpoolError(f"There is no mail spool at {self.directory}")
+        reader = _connect_database(self._database_path)
+        reader.execute("PRAGMA query_only = ON")
+        self._reader = reader
 
     def _connect(self) -> None:
         # Created here so that SQLite, which gives its -wal and -shm files the
@@ -366,15 +388,15 @@ class Spool:
         unique_recipients = _unique_recipients(recipients)
         self._require_open()
 
-        queue_id = await self._in_thread(
-            functools.partial(self._write_body_file, body), action="storing a message"
+        queue_id, size = await self._place_body(
+            functools.partial(self._write_body_file, body)
         )
         await self._commit_new_message(
             _NewMessage(
                 queue_id=queue_id,
                 mail_from=mail_from,
                 recipients=unique_recipients,
-                size=len(body),
+                size=size,
                 smtputf8=smtputf8,
                 body_8bit=body_8bit,
                 client_address=client_address,
@@ -403,9 +425,8 @@ class Spool:
         if Path(temp_file).parent != self._tmp_dir:
             raise ValueError(f"{temp_file} is not a temporary file of this spool")
 
-        queue_id, size = await self._in_thread(
-            functools.partial(self._adopt_temp_file, Path(temp_file)),
-            action="storing a message",
+        queue_id, size = await self._place_body(
+            functools.partial(self._adopt_temp_file, Path(temp_file))
         )
         await self._commit_new_message(
             _NewMessage(
@@ -433,7 +454,19 @@ class Spool:
         os.close(descriptor)
         return path
 
-    def _write_body_file(self, body: bytes) -> str:
+    async def _place_body(self, work: Callable[[], tuple[str, int]]) -> tuple[str, int]:
+        """Move a body into messages/; if the caller is cancelled, take it out again."""
+        task = self._start_in_thread(work, action="storing a message")
+        try:
+            await _wait_until_done(task)
+        except asyncio.CancelledError:
+            if not task.cancelled() and task.exception() is None:
+                queue_id, _ = task.result()
+                self.body_path(queue_id).unlink(missing_ok=True)
+            raise
+        return task.result()
+
+    def _write_body_file(self, body: bytes) -> tuple[str, int]:
         self._check_free_space(len(body))
         queue_id = self._unused_queue_id()
         temporary = self._tmp_dir / f"{queue_id}.tmp"
@@ -454,7 +487,7 @@ class Spool:
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
-        return queue_id
+        return queue_id, len(body)
 
     def _adopt_temp_file(self, temp_file: Path) -> tuple[str, int]:
         try:
@@ -476,10 +509,10 @@ class Spool:
     def _check_free_space(self, incoming_bytes: int) -> None:
         usage = os.statvfs(self._tmp_dir)
         free_bytes = usage.f_bavail * usage.f_frsize
-        if free_bytes - incoming_bytes < self.min_free_bytes:
+        if free_bytes - incoming_bytes < self._min_free_bytes:
             raise SpoolFullError(
                 f"The mail spool is full: {_megabytes(free_bytes)} free on the file "
-                f"system of {self.directory}, {_megabytes(self.min_free_bytes)} must "
+                f"system of {self.directory}, {_megabytes(self._min_free_bytes)} must "
                 "stay free"
             )
 
@@ -518,8 +551,11 @@ class Spool:
                 # Nobody will answer 250 for it, so its body must not linger.
                 self._pending_stores.remove(pending)
                 self.body_path(message.queue_id).unlink(missing_ok=True)
+            elif pending.committed.done() and not pending.committed.cancelled():
+                pending.committed.exception()  # retrieved: this store is abandoned
             raise
 
+        # The commit's failure, if any, arrives here for every store in the batch.
         await pending.committed
 
     async def _commit_pending_stores(self) -> None:
@@ -797,23 +833,20 @@ class Spool:
     async def delete(self, queue_id: str) -> bool:
         """Remove a message (row and body) whatever its state; False if unknown."""
         deleted = await self._write(
-            functools.partial(self._delete_rows, [queue_id]),
+            functools.partial(self._delete_blocking, queue_id),
             action="deleting a message",
         )
-        await self._in_thread(
-            functools.partial(self._remove_body_files, deleted),
-            action="deleting a message",
-        )
-        return bool(deleted)
+        if deleted:
+            await self._in_thread(
+                functools.partial(self._remove_body_files, [queue_id]),
+                action="deleting a message",
+            )
+        return deleted
 
     async def purge_failed(self, *, older_than: float) -> int:
         """Remove FAILED messages that failed before `older_than`; return how many."""
-        expired = await self._read(
-            functools.partial(self._expired_failures, older_than),
-            action="purging failed messages",
-        )
         deleted = await self._write(
-            functools.partial(self._delete_rows, expired, MessageState.FAILED),
+            functools.partial(self._purge_failed_blocking, older_than),
             action="purging failed messages",
         )
         await self._in_thread(
@@ -822,9 +855,9 @@ class Spool:
         )
         return len(deleted)
 
-    def _expired_failures(self, older_than: float) -> list[str]:
-        with self._read_transaction() as connection:
-            return [
+    def _purge_failed_blocking(self, older_than: float) -> list[str]:
+        with self._write_transaction() as connection:
+            expired = [
                 row["queue_id"]
                 for row in connection.execute(
                     "SELECT queue_id FROM messages "
@@ -832,23 +865,18 @@ class Spool:
                     (MessageState.FAILED, older_than),
                 )
             ]
+            connection.executemany(
+                "DELETE FROM messages WHERE queue_id = ?",
+                [(queue_id,) for queue_id in expired],
+            )
+        return expired
 
-    def _delete_rows(
-        self, queue_ids: list[str], only_state: MessageState | None = None
-    ) -> list[str]:
-        sql = "DELETE FROM messages WHERE queue_id = ?"
-        if only_state is not None:
-            sql += " AND state = ?"
-
-        deleted = []
+    def _delete_blocking(self, queue_id: str) -> bool:
         with self._write_transaction() as connection:
-            for queue_id in queue_ids:
-                parameters = (
-                    (queue_id,) if only_state is None else (queue_id, only_state)
-                )
-                if connection.execute(sql, parameters).rowcount:
-                    deleted.append(queue_id)
-        return deleted
+            deleted: int = connection.execute(
+                "DELETE FROM messages WHERE queue_id = ?", (queue_id,)
+            ).rowcount
+        return deleted > 0
 
     async def get(self, queue_id: str) -> QueuedMessage | None:
         """One message's envelope and schedule, or None if it is not spooled."""
@@ -961,7 +989,7 @@ class Spool:
     @contextlib.contextmanager
     def _read_transaction(self) -> Iterator[sqlite3.Connection]:
         if self._reader is None:
-            raise RuntimeError("the spool is not open")
+            raise SpoolError("The mail spool is closed")
         connection = self._reader
         # One snapshot for the messages and their recipients.
         connection.execute("BEGIN")
@@ -974,13 +1002,17 @@ class Spool:
         self._writer_connection()
 
     def _writer_connection(self) -> sqlite3.Connection:
+        # A closed spool is a moment in a shutdown, not a bug: callers answer it
+        # like any other spool failure (the client is told to try again).
         if self._writer is None:
-            raise RuntimeError("the spool is not open")
+            if self._reader is not None:
+                raise SpoolError("The mail spool was opened read-only")
+            raise SpoolError("The mail spool is closed")
         return self._writer
 
     def _directory_descriptor(self) -> int:
         if self._messages_dir_descriptor is None:
-            raise RuntimeError("the spool is not open")
+            raise SpoolError("The mail spool is closed")
         return self._messages_dir_descriptor
 
     # Running blocking work off the event loop
@@ -1045,13 +1077,13 @@ def _settle_pending_stores(
 
 @contextlib.contextmanager
 def _translated_errors(action: str) -> Iterator[None]:
-    """Turn file and database failures into SpoolError, a full disk into SpoolFull."""
+    """Translate file and database failures into SpoolError or SpoolFullError."""
     try:
         yield
     except SpoolError:
         raise
     except sqlite3.Error as exc:
-        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
             raise SpoolFullError(
                 f"The mail spool's disk is full while {action}", code="SQLITE_FULL"
             ) from exc
@@ -1069,8 +1101,11 @@ def _translated_errors(action: str) -> Iterator[None]:
 
 
 def _lock_directory(directory: Path) -> int:
-    """Take the spool for this process: a second owner would requeue our SENDING
-    messages as crash leftovers and delete bodies we have not committed yet."""
+    """Take the spool directory for this process alone, or raise SpoolError.
+
+    A second owner's recovery would requeue our SENDING messages as crash
+    leftovers and delete the bodies we have not committed yet.
+    """
     descriptor = os.open(
         directory / "spool.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
     )

@@ -202,7 +202,10 @@ class UpstreamSession:
                     accepted.append(recipient)
                     continue
                 error = SmtpReplyError(
-                    response.code, response.message, stage=Stage.RCPT, recipient=recipient
+                    response.code,
+                    response.message,
+                    stage=Stage.RCPT,
+                    recipient=recipient,
                 )
                 if error.disposition is Disposition.FAIL_RECIPIENT:
                     refused[recipient] = error

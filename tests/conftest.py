@@ -41,7 +41,10 @@ async def exchange(pki: SandboxPKI) -> AsyncIterator[SandboxExchange]:
 
 
 def relay_config_dict(
-    directory: Path, *, ca_file: Path, overrides: dict[str, dict[str, Any]] | None = None
+    directory: Path,
+    *,
+    ca_file: Path,
+    overrides: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """A daemon configuration for a relay on a free loopback port under `directory`."""
     raw: dict[str, dict[str, Any]] = {
@@ -124,9 +127,7 @@ RelayFactory = Callable[..., Awaitable[RunningRelay]]
 
 
 @pytest.fixture
-async def start_relay(
-    tmp_path: Path, pki: SandboxPKI
-) -> AsyncIterator[RelayFactory]:
+async def start_relay(tmp_path: Path, pki: SandboxPKI) -> AsyncIterator[RelayFactory]:
     """Start relays with given Mail Settings and config overrides; stop them after."""
     started: list[RelayApp] = []
 

@@ -66,7 +66,14 @@ class Daemon:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "relay.cli", "serve", "--config", str(self.config_path)],
+            [
+                sys.executable,
+                "-m",
+                "relay.cli",
+                "serve",
+                "--config",
+                str(self.config_path),
+            ],
             stdout=self.output.open("ab"),
             stderr=subprocess.STDOUT,
         )
@@ -96,7 +103,9 @@ def daemon_factory(tmp_path: Path, pki: SandboxPKI) -> Iterator[Any]:
         config_path = tmp_path / "relay.toml"
         config_path.write_text(_toml(raw))
         assert tomllib.loads(config_path.read_text())["listen"]["port"] == port
-        write_mail_settings(tmp_path / "mail-settings.json", basic_settings(exchange_port))
+        write_mail_settings(
+            tmp_path / "mail-settings.json", basic_settings(exchange_port)
+        )
         daemon = Daemon(config_path, port, tmp_path / "daemon-output.txt")
         daemons.append(daemon)
         return daemon
@@ -114,7 +123,9 @@ async def test_app_kill_9_after_250_then_restart_delivers(
     await exchange.stop()  # the upstream is down: the message can only be in the spool
     daemon = daemon_factory(exchange.port)
     daemon.start()
-    code, _ = await send_mail_async(daemon.port, body=b"Subject: survive\r\n\r\nkill -9\r\n")
+    code, _ = await send_mail_async(
+        daemon.port, body=b"Subject: survive\r\n\r\nkill -9\r\n"
+    )
     assert code == 250
     daemon.kill(signal.SIGKILL)
 
@@ -131,7 +142,9 @@ async def test_app_sigterm_shuts_down_cleanly_and_keeps_the_queue(
     daemon = daemon_factory(exchange.port)
     daemon.start()
     for number in range(3):
-        await send_mail_async(daemon.port, body=f"Subject: q{number}\r\n\r\nx\r\n".encode())
+        await send_mail_async(
+            daemon.port, body=f"Subject: q{number}\r\n\r\nx\r\n".encode()
+        )
     exit_code = daemon.kill(signal.SIGTERM)
 
     await exchange.start()
@@ -147,13 +160,23 @@ async def test_app_refuses_a_settings_file_readable_by_others(
     (tmp_path / "mail-settings.json").chmod(0o644)
     completed = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "relay.cli", "serve", "--config", str(daemon.config_path)],
+        [
+            sys.executable,
+            "-m",
+            "relay.cli",
+            "serve",
+            "--config",
+            str(daemon.config_path),
+        ],
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
     )
-    assert (completed.returncode, "readable by other users" in completed.stderr) == (2, True)
+    assert (completed.returncode, "readable by other users" in completed.stderr) == (
+        2,
+        True,
+    )
 
 
 async def test_app_bad_config_names_the_key(tmp_path: Path) -> None:
@@ -171,13 +194,17 @@ async def test_app_bad_config_names_the_key(tmp_path: Path) -> None:
 
 
 async def test_app_password_and_auth_payloads_appear_nowhere(
-    exchange: SandboxExchange, start_relay: RelayFactory, capfd: pytest.CaptureFixture[str]
+    exchange: SandboxExchange,
+    start_relay: RelayFactory,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     relay = await start_relay(basic_settings(exchange.port))
     await send_mail_async(relay.port)
     await exchange.wait_for_messages(1, timeout=15)
     exchange.inject("auth", "535 5.7.3 Authentication unsuccessful [SANDBOX]")
-    await relay.app.settings.save(basic_settings(exchange.port)) if False else relay.app.settings.save(  # noqa: E501
+    await relay.app.settings.save(
+        basic_settings(exchange.port)
+    ) if False else relay.app.settings.save(
         basic_settings(exchange.port)
     )
     await send_mail_async(relay.port)
@@ -192,9 +219,18 @@ async def test_app_password_and_auth_payloads_appear_nowhere(
         relay.log_file.read_text(),
         repr(read_rows(relay.app.config.paths.database)),
         "".join(capfd.readouterr()),
-        repr([await relay.app.spool.get(m.queue_id) for m in await relay.app.spool.list_messages()]),
+        repr(
+            [
+                await relay.app.spool.get(m.queue_id)
+                for m in await relay.app.spool.list_messages()
+            ]
+        ),
     ]
-    spool_files = [p.read_bytes().decode("latin-1") for p in relay.directory.rglob("*") if p.is_file() and p.name != "mail-settings.json"]
+    spool_files = [
+        p.read_bytes().decode("latin-1")
+        for p in relay.directory.rglob("*")
+        if p.is_file() and p.name != "mail-settings.json"
+    ]
     leaks = [form for form in forms for text in outputs + spool_files if form in text]
     assert (len(read_rows(relay.app.config.paths.database)) >= 1, leaks) == (True, [])
 

@@ -20,7 +20,9 @@ from tests.conftest import (
 )
 
 
-def _dialogue(port: int, lines: list[bytes], *, read_greeting: bool = True) -> list[bytes]:
+def _dialogue(
+    port: int, lines: list[bytes], *, read_greeting: bool = True
+) -> list[bytes]:
     """Send raw command lines one by one; return each raw reply."""
     replies: list[bytes] = []
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -47,7 +49,12 @@ async def test_inbound_greeting_reveals_no_software_version(
 ) -> None:
     relay = await start_relay(basic_settings(exchange.port))
     replies = await asyncio.to_thread(_dialogue, relay.port, [b"QUIT\r\n"])
-    assert replies[0].startswith(b"220 ") and b"Python" not in replies[0] and b"aiosmtpd" not in replies[0].lower() and b"1." not in replies[0]
+    assert (
+        replies[0].startswith(b"220 ")
+        and b"Python" not in replies[0]
+        and b"aiosmtpd" not in replies[0].lower()
+        and b"1." not in replies[0]
+    )
 
 
 async def test_inbound_ehlo_advertises_size_8bitmime_smtputf8_enhancedstatuscodes(
@@ -56,7 +63,13 @@ async def test_inbound_ehlo_advertises_size_8bitmime_smtputf8_enhancedstatuscode
     relay = await start_relay(basic_settings(exchange.port))
     replies = await asyncio.to_thread(_dialogue, relay.port, [b"EHLO legacy\r\n"])
     advertised = {line[4:].split(b" ")[0] for line in replies[1].split(b"\r\n") if line}
-    assert {b"SIZE", b"8BITMIME", b"SMTPUTF8", b"ENHANCEDSTATUSCODES", b"PIPELINING"} <= advertised
+    assert {
+        b"SIZE",
+        b"8BITMIME",
+        b"SMTPUTF8",
+        b"ENHANCEDSTATUSCODES",
+        b"PIPELINING",
+    } <= advertised
 
 
 async def test_inbound_every_reply_carries_an_enhanced_status_code(
@@ -88,10 +101,13 @@ async def test_inbound_declared_size_too_big_is_refused_at_mail(
     exchange: SandboxExchange, start_relay: RelayFactory
 ) -> None:
     relay = await start_relay(
-        basic_settings(exchange.port), overrides={"listen": {"max_message_size": 100_000}}
+        basic_settings(exchange.port),
+        overrides={"listen": {"max_message_size": 100_000}},
     )
     replies = await asyncio.to_thread(
-        _dialogue, relay.port, [b"EHLO legacy\r\n", b"MAIL FROM:<a@b.test> SIZE=200000\r\n"]
+        _dialogue,
+        relay.port,
+        [b"EHLO legacy\r\n", b"MAIL FROM:<a@b.test> SIZE=200000\r\n"],
     )
     assert replies[2].startswith(b"552 5.3.4 ")
 
@@ -100,11 +116,16 @@ async def test_inbound_oversize_data_is_refused_with_552(
     exchange: SandboxExchange, start_relay: RelayFactory
 ) -> None:
     relay = await start_relay(
-        basic_settings(exchange.port), overrides={"listen": {"max_message_size": 10_000}}
+        basic_settings(exchange.port),
+        overrides={"listen": {"max_message_size": 10_000}},
     )
-    body = b"Subject: big\r\n\r\n" + b"x" * 100 + b"\r\n" * 200 + b"y" * 20_000 + b"\r\n"
+    body = (
+        b"Subject: big\r\n\r\n" + b"x" * 100 + b"\r\n" * 200 + b"y" * 20_000 + b"\r\n"
+    )
     with pytest.raises(smtplib.SMTPDataError) as refused:
-        await send_mail_async(relay.port, body=body.replace(b"y" * 20_000, b"yy\r\n" * 5000))
+        await send_mail_async(
+            relay.port, body=body.replace(b"y" * 20_000, b"yy\r\n" * 5000)
+        )
     assert refused.value.smtp_code == 552
 
 
@@ -139,7 +160,10 @@ async def test_inbound_bare_line_endings_are_normalised_to_crlf(
     relay = await start_relay(basic_settings(exchange.port))
     await send_mail_async(relay.port, body=b"Subject: x\r\n\r\none\ntwo\rthree\r\n")
     await exchange.wait_for_messages(1, timeout=15)
-    assert strip_received(exchange.messages[0].data) == b"Subject: x\r\n\r\none\r\ntwo\r\nthree\r\n"
+    assert (
+        strip_received(exchange.messages[0].data)
+        == b"Subject: x\r\n\r\none\r\ntwo\r\nthree\r\n"
+    )
 
 
 async def test_inbound_peer_outside_allowed_networks_is_refused_at_connect(

@@ -73,12 +73,18 @@ async def test_upstream_swaks_message_arrives_intact(
         subprocess.run,
         [
             "swaks",
-            "--server", "127.0.0.1",
-            "--port", str(relay.port),
-            "--from", MAILBOX,
-            "--to", "ops@contoso.test",
-            "--data", body,
-            "--silent", "2",
+            "--server",
+            "127.0.0.1",
+            "--port",
+            str(relay.port),
+            "--from",
+            MAILBOX,
+            "--to",
+            "ops@contoso.test",
+            "--data",
+            body,
+            "--silent",
+            "2",
         ],
         capture_output=True,
         timeout=60,
@@ -102,7 +108,11 @@ async def test_upstream_8bit_utf8_message_keeps_its_bytes(
     )
     await exchange.wait_for_messages(1, timeout=15)
     received = exchange.messages[0]
-    assert (strip_received(received.data), received.rcpt_tos, "SMTPUTF8" in received.mail_options) == (
+    assert (
+        strip_received(received.data),
+        received.rcpt_tos,
+        "SMTPUTF8" in received.mail_options,
+    ) == (
         body,
         ["équipe@contoso.test"],
         True,
@@ -128,7 +138,9 @@ async def test_upstream_30_megabyte_message_arrives_intact(
     message["Subject"] = "big attachment"
     message.set_content("see attachment")
     message.add_attachment(
-        os.urandom(22 * 1024 * 1024), maintype="application", subtype="octet-stream",
+        os.urandom(22 * 1024 * 1024),
+        maintype="application",
+        subtype="octet-stream",
         filename="dump.bin",
     )
     body = message.as_bytes(policy=SMTP_POLICY)
@@ -142,13 +154,16 @@ async def test_upstream_30_megabyte_message_arrives_intact(
 
 
 async def _failure_row(relay: RunningRelay, category: str) -> dict[str, Any]:
-    await wait_for(lambda: any(r["category"] == category for r in relay.rows()), timeout=20)
+    await wait_for(
+        lambda: any(r["category"] == category for r in relay.rows()), timeout=20
+    )
     return next(r for r in relay.rows() if r["category"] == category)
 
 
 def _logged(relay: RunningRelay, row: dict[str, Any]) -> bool:
     return any(
-        line.get("log_message") == row["log_message"] and line.get("category") == row["category"]
+        line.get("log_message") == row["log_message"]
+        and line.get("category") == row["category"]
         for line in relay.log_lines()
     )
 
@@ -156,7 +171,9 @@ def _logged(relay: RunningRelay, row: dict[str, Any]) -> bool:
 async def test_upstream_unresolvable_host_is_a_dns_error(
     exchange: SandboxExchange, start_relay: RelayFactory
 ) -> None:
-    relay = await start_relay(basic_settings(exchange.port, hostname="smtp.contoso.invalid"))
+    relay = await start_relay(
+        basic_settings(exchange.port, hostname="smtp.contoso.invalid")
+    )
     await send_mail_async(relay.port)
     row = await _failure_row(relay, "dns")
     assert (row["log_message"], _logged(relay, row)) == (
@@ -201,7 +218,11 @@ async def test_upstream_bad_certificate_is_a_tls_error(
         await send_mail_async(relay.port)
         row = await _failure_row(relay, "tls")
         sent_password = PASSWORD.encode() in server.plaintext_received
-    assert (row["log_message"], _logged(relay, row), sent_password) == (expected, True, False)
+    assert (row["log_message"], _logged(relay, row), sent_password) == (
+        expected,
+        True,
+        False,
+    )
 
 
 async def test_upstream_missing_starttls_is_a_tls_error_without_fallback(
@@ -214,7 +235,10 @@ async def test_upstream_missing_starttls_is_a_tls_error_without_fallback(
         await send_mail_async(relay.port)
         row = await _failure_row(relay, "tls")
         plaintext = server.plaintext_received
-    assert (row["log_message"].startswith("STARTTLS is not offered"), b"AUTH" in plaintext) == (
+    assert (
+        row["log_message"].startswith("STARTTLS is not offered"),
+        b"AUTH" in plaintext,
+    ) == (
         True,
         False,
     )
@@ -225,7 +249,11 @@ async def test_upstream_missing_starttls_is_a_tls_error_without_fallback(
     [
         ("auth", "535 5.7.3 Authentication unsuccessful [SANDBOX]", "535 5.7.3"),
         ("rcpt", "550 5.1.1 User unknown; RecipientNotFound", "550 5.1.1"),
-        ("mail", "421 4.3.2 Service not available, closing transmission channel", "421 4.3.2"),
+        (
+            "mail",
+            "421 4.3.2 Service not available, closing transmission channel",
+            "421 4.3.2",
+        ),
         (
             "data",
             "554 5.2.0 STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied",
@@ -234,7 +262,11 @@ async def test_upstream_missing_starttls_is_a_tls_error_without_fallback(
     ],
 )
 async def test_upstream_reply_is_an_smtp_error_with_its_codes(
-    exchange: SandboxExchange, start_relay: RelayFactory, stage: str, reply: str, code: str
+    exchange: SandboxExchange,
+    start_relay: RelayFactory,
+    stage: str,
+    reply: str,
+    code: str,
 ) -> None:
     exchange.inject(stage, reply)
     relay = await start_relay(basic_settings(exchange.port))
@@ -251,26 +283,37 @@ def test_upstream_translate_exception_covers_every_aiosmtplib_error() -> None:
     timeouts = TimeoutsConfig()
     settings = basic_settings(587)
     samples: list[BaseException] = []
-    for name in aiosmtplib.errors.__all__ if hasattr(aiosmtplib.errors, "__all__") else dir(aiosmtplib.errors):
+    for name in (
+        aiosmtplib.errors.__all__
+        if hasattr(aiosmtplib.errors, "__all__")
+        else dir(aiosmtplib.errors)
+    ):
         cls = getattr(aiosmtplib.errors, name)
         if not (isinstance(cls, type) and issubclass(cls, aiosmtplib.SMTPException)):
             continue
         if issubclass(cls, aiosmtplib.SMTPRecipientsRefused):
             samples.append(cls([]))
-        elif issubclass(cls, aiosmtplib.SMTPSenderRefused | aiosmtplib.SMTPRecipientRefused):
+        elif issubclass(
+            cls, aiosmtplib.SMTPSenderRefused | aiosmtplib.SMTPRecipientRefused
+        ):
             samples.append(cls(550, "5.0.0 no", "x@y.test"))
         elif issubclass(cls, aiosmtplib.SMTPResponseException):
             samples.append(cls(550, "5.0.0 no"))
         else:
             samples.append(cls("failure"))
     translated = [
-        translate_exception(sample, stage=Stage.MAIL, settings=settings, timeouts=timeouts)
+        translate_exception(
+            sample, stage=Stage.MAIL, settings=settings, timeouts=timeouts
+        )
         for sample in samples
     ]
     unexpected = [
         type(sample).__name__
         for sample, error in zip(samples, translated, strict=True)
         if not isinstance(error, RelayError)
-        or (type(error) is UpstreamConnectionError and error.message.startswith("Unexpected"))
+        or (
+            type(error) is UpstreamConnectionError
+            and error.message.startswith("Unexpected")
+        )
     ]
     assert (len(samples) >= 10, unexpected) == (True, [])

@@ -89,11 +89,15 @@ class SandboxPKI:
         certificates: dict[CertificateKind, ServerCertificate] = {}
         for kind, leaf in leaves.items():
             chain_file = directory / f"{kind.value}-chain.pem"
-            chain_file.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+            chain_file.write_bytes(
+                b"".join(blob.bytes() for blob in leaf.cert_chain_pems)
+            )
             key_file = directory / f"{kind.value}-key.pem"
             key_file.touch(mode=0o600)
             key_file.write_bytes(leaf.private_key_pem.bytes())
-            certificates[kind] = ServerCertificate(chain_file=chain_file, key_file=key_file)
+            certificates[kind] = ServerCertificate(
+                chain_file=chain_file, key_file=key_file
+            )
 
         return cls(
             directory=directory,
@@ -121,14 +125,15 @@ class SandboxPKI:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         # Exchange Online's floor, so a sandbox never accepts less than the real one.
         context.minimum_version = ssl.TLSVersion.TLSv1_2
-        if maximum_version is not None:
-            if maximum_version < ssl.TLSVersion.TLSv1_2:
-                # Python warns that these versions are deprecated; offering one is
-                # the point of a downgrade test, so the warning is noise here.
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    context.minimum_version = maximum_version
-                context.set_ciphers("DEFAULT:@SECLEVEL=0")
+        if maximum_version is not None and maximum_version < ssl.TLSVersion.TLSv1_2:
+            # Offering a deprecated version is the point of a downgrade test, so
+            # Python's DeprecationWarning about it is noise here.
+            context.set_ciphers("DEFAULT:@SECLEVEL=0")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                context.minimum_version = maximum_version
+                context.maximum_version = maximum_version
+        elif maximum_version is not None:
             context.maximum_version = maximum_version
         context.load_cert_chain(certificate.chain_file, certificate.key_file)
 

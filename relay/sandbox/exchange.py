@@ -42,8 +42,7 @@ import ipaddress
 import re
 import ssl
 import time
-import types
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, SupportsIndex
 
@@ -59,6 +58,10 @@ DEFAULT_MAILBOX_MESSAGE_SIZE = 35 * 1024 * 1024
 DEFAULT_MAX_LINE_LENGTH = 12_288
 # How much of a message line is read at once; longer lines arrive in pieces.
 _MESSAGE_PIECE_LENGTH = 65_536
+# How long a closing connection may take before it is cut.
+_CLOSE_GRACE_SECONDS = 1.0
+# How long `stop` lets cut sessions wind down before cancelling them.
+_STOP_GRACE_SECONDS = 1.0
 # The sliding window of the messages_per_minute limit.
 _RATE_WINDOW_SECONDS = 60.0
 # The name the sandbox calls itself in the banner, EHLO and message ids.
@@ -191,7 +194,9 @@ _TOO_MANY_RECIPIENTS = Reply.of(
 )
 _LINE_TOO_LONG = Reply.of(ReplyCode.SYNTAX_ERROR, "5.5.2 Line too long")
 _INVALID_DOMAIN = Reply.of(ReplyCode.ARGUMENT_SYNTAX_ERROR, "5.5.4 Invalid domain name")
-_INVALID_ARGUMENTS = Reply.of(ReplyCode.ARGUMENT_SYNTAX_ERROR, "5.5.4 Invalid arguments")
+_INVALID_ARGUMENTS = Reply.of(
+    ReplyCode.ARGUMENT_SYNTAX_ERROR, "5.5.4 Invalid arguments"
+)
 _AUTH_CANCELLED = Reply.of(
     ReplyCode.ARGUMENT_SYNTAX_ERROR, "5.7.0 Authentication cancelled"
 )
@@ -299,11 +304,11 @@ class ReceivedMessage:
     session_id: int
     mail_from: str
     # The recipients the server accepted, in order.
-    rcpt_tos: tuple[str, ...]
+    rcpt_tos: list[str]
     # The message after dot-unstuffing: the bytes the client meant to send.
     data: bytes
-    # The MAIL FROM parameters as sent, for example ("SIZE=1234", "BODY=8BITMIME").
-    mail_options: tuple[str, ...]
+    # The MAIL FROM parameters as sent, for example ["SIZE=1234", "BODY=8BITMIME"].
+    mail_options: list[str]
     body_8bitmime: bool
     smtputf8: bool
     authenticated_user: str | None
@@ -466,7 +471,7 @@ class _Session:
 
     async def run(self) -> None:
         """Greet, then answer commands in the order they arrive until the end."""
-        handlers: dict[str, Callable[[str], types.CoroutineType[None, None, None]]] = {
+        handlers: dict[str, Callable[[str], Awaitable[None]]] = {
             "EHLO": self._ehlo,
             "HELO": self._helo,
             "STARTTLS": self._starttls,
@@ -495,6 +500,10 @@ class _Session:
                     await self._send(_unrecognized(verb))
                     continue
                 await handler(argument)
+
+    def abort(self) -> None:
+        """Cut the connection at once, without a TLS or TCP goodbye."""
+        self._writer.transport.abort()
 
     def release(self) -> None:
         """Give back this session's slot in its user's concurrency count."""
@@ -596,9 +605,7 @@ class _Session:
         silence or drop, in the order the faults were set.
         """
         matching = [
-            fault
-            for fault in self._exchange.faults
-            if fault.applies(stage, subjects)
+            fault for fault in self._exchange.faults if fault.applies(stage, subjects)
         ]
         for fault in matching:
             if fault.action is FaultAction.DELAY:
@@ -612,7 +619,7 @@ class _Session:
             if fault.action is FaultAction.SILENCE:
                 await self._hold_silently()
             if fault.action is FaultAction.DROP:
-                self._writer.transport.abort()
+                self.abort()
                 raise _CloseConnection
             if fault.reply is not None:
                 await self._send(fault.reply)
@@ -716,7 +723,7 @@ class _Session:
             )
         except OSError as exc:
             self.record.tls_error = f"{type(exc).__name__}: {exc}"
-            self._writer.transport.abort()
+            self.abort()
             raise _CloseConnection from exc
 
         self.note_tls_established()
@@ -853,9 +860,11 @@ class _Session:
             return
         sender, parameters = parsed
         refusal = self._check_mail_parameters(parameters)
-        if refusal is None and not sender.isascii() and "SMTPUTF8" not in {
-            parameter.upper() for parameter in parameters
-        }:
+        if (
+            refusal is None
+            and not sender.isascii()
+            and "SMTPUTF8" not in {parameter.upper() for parameter in parameters}
+        ):
             refusal = _NON_ASCII_ADDRESS
         if refusal is not None:
             await self._send(refusal)
@@ -867,8 +876,8 @@ class _Session:
             self._exchange.throttled_count += 1
             await self._send(self._exchange._throttle_reply(self.record.peer))
             return
-        send_as_denied = sender and sender.casefold() != self._user.casefold()
-        if self._exchange.enforce_send_as and send_as_denied:
+        foreign_sender = bool(sender) and sender.casefold() != self._user.casefold()
+        if self._exchange.enforce_send_as and foreign_sender:
             await self._send(_SEND_AS_DENIED)
             return
 
@@ -893,7 +902,7 @@ class _Session:
                 if value.upper() not in {"7BIT", "8BITMIME"}:
                     return _INVALID_ARGUMENTS
             elif keyword == "SMTPUTF8":
-                if value or not self._tls:
+                if value:
                     return _INVALID_ARGUMENTS
             elif keyword != "AUTH":
                 return _unsupported_option(parameter)
@@ -949,11 +958,11 @@ class _Session:
 
         await self._send(_START_MAIL_INPUT)
         try:
-            await self._finish_message()
+            await self._finish_message(self._mail_from)
         finally:
             self._reset_transaction()
 
-    async def _finish_message(self) -> None:
+    async def _finish_message(self, sender: str) -> None:
         """Read the message, then accept it or refuse it as a whole."""
         data, size = await self._receive_message_body()
         self._log("client", f"<{size} octets of message data>")
@@ -963,13 +972,12 @@ class _Session:
         if await self._answer_fault(Stage.DATA, self._recipients):
             return
 
-        assert self._mail_from is not None  # noqa: S101 - _data checked it
         message = ReceivedMessage(
             session_id=self.record.session_id,
-            mail_from=self._mail_from,
-            rcpt_tos=tuple(self._recipients),
+            mail_from=sender,
+            rcpt_tos=list(self._recipients),
             data=data,
-            mail_options=tuple(self._mail_options),
+            mail_options=list(self._mail_options),
             body_8bitmime=self._body_8bitmime,
             smtputf8=self._smtputf8,
             authenticated_user=self._user,
@@ -1134,7 +1142,7 @@ class SandboxExchange:
         self.internal_errors: list[BaseException] = []
 
         self._server: asyncio.Server | None = None
-        self._session_tasks: set[asyncio.Task[None]] = set()
+        self._open_sessions: dict[asyncio.Task[None], _Session] = {}
         self._authenticated_per_user: collections.Counter[str] = collections.Counter()
         self._accepted_times: dict[str, collections.deque[float]] = {}
         self._state_changed = asyncio.Condition()
@@ -1155,6 +1163,11 @@ class SandboxExchange:
         return self.host, self._port
 
     @property
+    def port(self) -> int:
+        """The port the server listens on; 0 until the first `start`."""
+        return self._port
+
+    @property
     def is_running(self) -> bool:
         """Whether the server is accepting connections."""
         return self._server is not None
@@ -1162,7 +1175,7 @@ class SandboxExchange:
     @property
     def active_sessions(self) -> int:
         """How many connections are open right now."""
-        return len(self._session_tasks)
+        return len(self._open_sessions)
 
     @property
     def plaintext_received(self) -> bytes:
@@ -1210,10 +1223,16 @@ class SandboxExchange:
 
         server, self._server = self._server, None
         server.close()
-        tasks = list(self._session_tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        for session in self._open_sessions.values():
+            session.abort()
+        tasks = list(self._open_sessions)
+        if tasks:
+            # A cut connection ends its session at the next read or write; only one
+            # sleeping in a delay fault needs to be cancelled.
+            _, stragglers = await asyncio.wait(tasks, timeout=_STOP_GRACE_SECONDS)
+            for task in stragglers:
+                task.cancel()
+            await asyncio.gather(*stragglers, return_exceptions=True)
         await server.wait_closed()
 
     # Faults.
@@ -1303,7 +1322,7 @@ class SandboxExchange:
     async def wait_for_idle(self, timeout: float = 5.0) -> None:
         """Wait until no connection is open; raise TimeoutError."""
         async with asyncio.timeout(timeout), self._state_changed:
-            await self._state_changed.wait_for(lambda: not self._session_tasks)
+            await self._state_changed.wait_for(lambda: not self._open_sessions)
 
     # Serving connections.
 
@@ -1325,8 +1344,6 @@ class SandboxExchange:
             raise TypeError("connections must be read through a _RecordingReader")
 
         task = asyncio.current_task()
-        if task is not None:
-            self._session_tasks.add(task)
         peer = writer.get_extra_info("peername")
         record = SessionRecord(
             session_id=self._next_session_id,
@@ -1339,25 +1356,44 @@ class SandboxExchange:
         self.sessions.append(record)
         session = _Session(self, reader=reader, writer=writer, record=record)
         session.note_tls_established()
+        if task is not None:
+            self._open_sessions[task] = session
 
+        try:
+            await self._run_session(session, writer)
+        except asyncio.CancelledError:
+            # Only `stop` cancels a session, after cutting its connection. Python
+            # 3.11's StreamReaderProtocol calls exception() on the finished task,
+            # which raises for a cancelled one and logs a spurious error; so the
+            # session ends normally instead.
+            session.abort()
+        finally:
+            record.closed = True
+            if task is not None:
+                self._open_sessions.pop(task, None)
+            async with self._state_changed:
+                self._state_changed.notify_all()
+
+    async def _run_session(
+        self, session: _Session, writer: asyncio.StreamWriter
+    ) -> None:
         try:
             await session.run()
         except Exception as exc:
             # Recorded rather than raised: asyncio would only print it, and a test
             # can assert that `internal_errors` stayed empty.
-            record.error = f"{type(exc).__name__}: {exc}"
+            session.record.error = f"{type(exc).__name__}: {exc}"
             self.internal_errors.append(exc)
         finally:
             session.release()
             writer.close()
-            with contextlib.suppress(OSError, TimeoutError):
-                async with asyncio.timeout(1.0):
+            try:
+                # A TLS close waits for the client's close_notify; a client that
+                # never sends one must not hold the session open.
+                async with asyncio.timeout(_CLOSE_GRACE_SECONDS):
                     await writer.wait_closed()
-            record.closed = True
-            if task is not None:
-                self._session_tasks.discard(task)
-            async with self._state_changed:
-                self._state_changed.notify_all()
+            except OSError:
+                session.abort()
 
     # Accounts, limits and messages.
 
@@ -1414,7 +1450,9 @@ class SandboxExchange:
         if self.messages_per_minute is None:
             return False
 
-        window = self._accepted_times.setdefault(username.casefold(), collections.deque())
+        window = self._accepted_times.setdefault(
+            username.casefold(), collections.deque()
+        )
         horizon = time.monotonic() - _RATE_WINDOW_SECONDS
         while window and window[0] <= horizon:
             window.popleft()
