@@ -113,6 +113,18 @@ class OAuthConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AdminConfig:
+    """The admin HTTP server: /metrics, and the API the appliance's UI calls."""
+
+    enabled: bool = True
+    addresses: tuple[str, ...] = ("127.0.0.1",)
+    port: int = 8025
+    # Bearer token for everything but /metrics from loopback: mode 0600, created
+    # with a random token when missing.
+    token_file: Path = DEFAULT_STATE_DIR / "admin-token"
+
+
+@dataclass(frozen=True, kw_only=True)
 class DaemonConfig:
     listen: ListenConfig = field(default_factory=ListenConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -122,6 +134,7 @@ class DaemonConfig:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     logs: LogsConfig = field(default_factory=LogsConfig)
     oauth: OAuthConfig = field(default_factory=OAuthConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,6 +219,7 @@ _SECTION_TYPES: dict[str, type] = {
     "delivery": DeliveryConfig,
     "logs": LogsConfig,
     "oauth": OAuthConfig,
+    "admin": AdminConfig,
 }
 
 
@@ -297,6 +311,50 @@ def _validate_daemon_config(config: DaemonConfig) -> None:
         raise ConfigError("delivery.concurrency", "must be at least 1")
     if not config.oauth.authority_host.startswith("https://"):
         raise ConfigError("oauth.authority_host", "must be an https:// URL")
+    if not 0 <= config.admin.port <= 65535:
+        raise ConfigError("admin.port", "must be between 0 and 65535")
+    for address in config.admin.addresses:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError as exc:
+            raise ConfigError(
+                "admin.addresses", f"not an IP address: {address}"
+            ) from exc
+
+
+# What a SIGHUP can change in a running relay. Everything else is bound at start
+# (sockets, files, the worker count, the TLS context, the log sink's policy).
+RELOADABLE_SECTIONS = ("retry", "timeouts")
+RELOADABLE_KEYS = {"delivery": ("poll_interval",)}
+
+
+def apply_reloadable(
+    current: DaemonConfig, new: DaemonConfig
+) -> tuple[DaemonConfig, tuple[str, ...], tuple[str, ...]]:
+    """Take from `new` what a running relay can apply; name what needs a restart.
+
+    Returns the configuration to run with, the changed sections it applies, and
+    the changed sections that keep their old values until the next restart.
+    """
+    changes: dict[str, Any] = {
+        name: getattr(new, name)
+        for name in RELOADABLE_SECTIONS
+        if getattr(new, name) != getattr(current, name)
+    }
+    for name, keys in RELOADABLE_KEYS.items():
+        old_section = getattr(current, name)
+        updates = {key: getattr(getattr(new, name), key) for key in keys}
+        section = dataclasses.replace(old_section, **updates)
+        if section != old_section:
+            changes[name] = section
+
+    merged = dataclasses.replace(current, **changes)
+    needs_restart = tuple(
+        section_field.name
+        for section_field in dataclasses.fields(DaemonConfig)
+        if getattr(merged, section_field.name) != getattr(new, section_field.name)
+    )
+    return merged, tuple(changes), needs_restart
 
 
 def check_private_file(path: Path, *, key: str) -> None:

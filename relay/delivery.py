@@ -22,7 +22,8 @@ import structlog
 from relay.config import DaemonConfig, MailSettings, SettingsStore
 from relay.errors import Disposition, RelayError, SmtpReplyError, UpstreamError
 from relay.inbound import MessageSink
-from relay.spool import QueuedMessage, Spool
+from relay.metrics import RelayMetrics
+from relay.spool import MessageState, QueuedMessage, Spool
 from relay.upstream import DeliveryResult, TokenProvider, UpstreamSession
 
 log = structlog.get_logger(__name__)
@@ -63,11 +64,13 @@ class DeliveryService:
         tls_context: ssl.SSLContext,
         token_provider: TokenProvider | None = None,
         clock: Callable[[], float] = time.time,
+        metrics: RelayMetrics | None = None,
     ) -> None:
         self._spool = spool
         self._config = config
         self._settings = settings
         self._recorder = recorder
+        self._metrics = metrics if metrics is not None else RelayMetrics()
         self._tls_context = tls_context
         self._token_provider = token_provider
         self._clock = clock
@@ -83,6 +86,14 @@ class DeliveryService:
     def wake(self) -> None:
         """Look at the queue now (a message arrived, or the settings changed)."""
         self._wake.set()
+
+    def reconfigure(self, config: DaemonConfig) -> None:
+        """Use a reloaded configuration's retry, timeout and poll settings.
+
+        The worker count stays as it was started; it changes on restart only.
+        """
+        self._config = config
+        self.wake()
 
     async def release_hold(self) -> int:
         """Put every held message back in the queue and resume sending."""
@@ -197,15 +208,17 @@ class DeliveryService:
                     local_hostname=self._config.listen.hostname,
                     token_provider=self._token_provider,
                 )
-                await session.open()
+                with self._metrics.time_upstream("open"):
+                    await session.open()
             body = await self._spool.read_body(message.queue_id)
-            result = await session.send(
-                mail_from=message.mail_from,
-                recipients=message.recipients,
-                body=body,
-                smtputf8=message.smtputf8,
-                body_8bit=message.body_8bit,
-            )
+            with self._metrics.time_upstream("send"):
+                result = await session.send(
+                    mail_from=message.mail_from,
+                    recipients=message.recipients,
+                    body=body,
+                    smtputf8=message.smtputf8,
+                    body_8bit=message.body_8bit,
+                )
         except RelayError as error:
             if session is not None and not session.usable:
                 await _close_session(session)
@@ -230,6 +243,10 @@ class DeliveryService:
         remaining = await self._spool.record_attempt(
             message.queue_id, delivered=result.accepted, failed=failed
         )
+        if result.accepted:
+            self._metrics.messages_delivered.inc()
+        if remaining is not None and remaining.state is MessageState.FAILED:
+            self._metrics.messages_failed.inc()
         for recipient, error in result.refused.items():
             await self._record(error, settings, message.queue_id, recipient=recipient)
 
@@ -281,6 +298,7 @@ class DeliveryService:
             return
         if error.disposition in (Disposition.FAIL_MESSAGE, Disposition.FAIL_RECIPIENT):
             await self._spool.fail(message.queue_id, error=error.message)
+            self._metrics.messages_failed.inc()
             await self._record(error, settings, message.queue_id)
             return
         await self._defer(message, error, settings)
@@ -299,6 +317,7 @@ class DeliveryService:
             )
             gave_up.category = error.category
             await self._spool.fail(message.queue_id, error=gave_up.message)
+            self._metrics.messages_failed.inc()
             await self._record(gave_up, settings, message.queue_id)
             return
 
@@ -312,6 +331,7 @@ class DeliveryService:
         await self._spool.defer(
             message.queue_id, next_attempt_at=now + delay, error=error.message
         )
+        self._metrics.messages_deferred.inc()
         await self._record(error, settings, message.queue_id)
 
     async def _record(
@@ -341,9 +361,16 @@ async def _close_session(session: UpstreamSession | None) -> None:
 class SpoolingSink(MessageSink):
     """Store and forward (e-mail type `smtp`): 250 once the spool has it on disk."""
 
-    def __init__(self, *, spool: Spool, delivery: DeliveryService) -> None:
+    def __init__(
+        self,
+        *,
+        spool: Spool,
+        delivery: DeliveryService,
+        metrics: RelayMetrics | None = None,
+    ) -> None:
         self._spool = spool
         self._delivery = delivery
+        self._metrics = metrics if metrics is not None else RelayMetrics()
         self.accepted_count = 0
 
     async def accept(
@@ -365,6 +392,7 @@ class SpoolingSink(MessageSink):
             client_address=client_address,
         )
         self.accepted_count += 1
+        self._metrics.messages_accepted.inc()
         self._delivery.wake()
         log.info(
             "message_queued",
@@ -393,6 +421,10 @@ class PassThroughSink(MessageSink):
         self._recorder = recorder
         self._tls_context = tls_context
         self._token_provider = token_provider
+
+    def reconfigure(self, config: DaemonConfig) -> None:
+        """Use a reloaded configuration's timeouts for the next message."""
+        self._config = config
 
     async def accept(
         self,

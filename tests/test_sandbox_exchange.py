@@ -14,6 +14,7 @@ import contextlib
 import smtplib
 import ssl
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -139,6 +140,29 @@ async def test_exchange_tls_1_1_server_fails_default_client(pki: SandboxPKI) -> 
             await in_thread(lambda: connect(exchange, pki))
 
 
+async def test_exchange_tls_1_1_session_gets_421_4_7_66(pki: SandboxPKI) -> None:
+    legacy = pki.client_trust_context()
+    legacy.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        legacy.minimum_version = ssl.TLSVersion.TLSv1_1
+
+    async with running_exchange(
+        pki, tls_maximum_version=ssl.TLSVersion.TLSv1_1
+    ) as exchange:
+
+        def scenario() -> int:
+            with connect(exchange, pki, tls=False) as client:
+                try:
+                    client.starttls(context=legacy)
+                except ssl.SSLError:
+                    pytest.skip("this OpenSSL build refuses TLS 1.1 at every level")
+                code, _ = client.ehlo()
+            return code
+
+        assert await in_thread(scenario) == 421
+
+
 # Construction.
 
 
@@ -225,7 +249,7 @@ async def test_exchange_allow_auth_before_tls_advertises_auth(pki: SandboxPKI) -
 # Authentication.
 
 
-async def test_exchange_auth_plain_records_authenticated_user(
+async def test_exchange_auth_plain_records_auth_user(
     exchange: SandboxExchange, pki: SandboxPKI
 ) -> None:
     def scenario() -> None:
@@ -237,10 +261,10 @@ async def test_exchange_auth_plain_records_authenticated_user(
     await in_thread(scenario)
 
     message = exchange.messages[0]
-    assert (message.authenticated_user, message.auth_mechanism) == (USER, "PLAIN")
+    assert (message.auth_user, message.auth_mechanism) == (USER, "PLAIN")
 
 
-async def test_exchange_auth_login_records_authenticated_user(
+async def test_exchange_auth_login_records_auth_user(
     exchange: SandboxExchange, pki: SandboxPKI
 ) -> None:
     def scenario() -> None:
@@ -252,7 +276,7 @@ async def test_exchange_auth_login_records_authenticated_user(
     await in_thread(scenario)
 
     message = exchange.messages[0]
-    assert (message.authenticated_user, message.auth_mechanism) == (USER, "LOGIN")
+    assert (message.auth_user, message.auth_mechanism) == (USER, "LOGIN")
 
 
 async def test_exchange_auth_login_prompts_in_base64(
@@ -378,6 +402,18 @@ async def test_exchange_records_max_concurrent_sessions_per_user(
     await in_thread(scenario)
 
     assert exchange.max_concurrent_sessions_seen == {USER: 2}
+
+
+async def test_exchange_counts_authenticated_sessions(
+    exchange: SandboxExchange, pki: SandboxPKI
+) -> None:
+    def scenario() -> None:
+        for _ in range(2):
+            connect_and_login(exchange, pki).quit()
+
+    await in_thread(scenario)
+
+    assert exchange.sessions_authenticated == 2
 
 
 async def test_exchange_frees_session_slot_when_a_session_ends(

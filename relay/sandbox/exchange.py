@@ -311,7 +311,7 @@ class ReceivedMessage:
     mail_options: list[str]
     body_8bitmime: bool
     smtputf8: bool
-    authenticated_user: str | None
+    auth_user: str | None
     auth_mechanism: str | None
     tls_version: str | None
     tls_cipher: str | None
@@ -340,7 +340,7 @@ class SessionRecord:
     tls_cipher: str | None = None
     # Why the STARTTLS handshake failed, when it did.
     tls_error: str | None = None
-    authenticated_user: str | None = None
+    auth_user: str | None = None
     auth_mechanism: str | None = None
     # Bytes the client pipelined after STARTTLS, thrown away unread (RFC 3207 §5).
     discarded_after_starttls: int = 0
@@ -454,7 +454,7 @@ class _Session:
         # Bytes taken out of the reader; with its feed count it tells what a client
         # pipelined behind STARTTLS.
         self._consumed = 0
-        self._tls = record.tls_version is not None
+        self._tls = False
         self._legacy_tls = False
         self._greeted = False
         self._user: str | None = None
@@ -787,7 +787,8 @@ class _Session:
         self._user_slot = slot
         self._user = self._exchange._canonical_user(credentials)
         self._mechanism = mechanism
-        self.record.authenticated_user = self._user
+        self.record.auth_user = self._user
+        self._exchange.sessions_authenticated += 1
         self.record.auth_mechanism = mechanism
         await self._send(_AUTH_SUCCEEDED)
 
@@ -980,7 +981,7 @@ class _Session:
             mail_options=list(self._mail_options),
             body_8bitmime=self._body_8bitmime,
             smtputf8=self._smtputf8,
-            authenticated_user=self._user,
+            auth_user=self._user,
             auth_mechanism=self._mechanism,
             tls_version=self.record.tls_version,
             tls_cipher=self.record.tls_cipher,
@@ -1131,6 +1132,7 @@ class SandboxExchange:
         self.sessions: list[SessionRecord] = []
         self.transcript: list[TranscriptLine] = []
         self.auth_failures = 0
+        self.sessions_authenticated = 0
         self.sender_limit_rejections = 0
         self.throttled_count = 0
         self.connections_accepted = 0
@@ -1467,8 +1469,8 @@ class SandboxExchange:
 
     async def _accept_message(self, message: ReceivedMessage) -> str:
         """Store an accepted message, count it for the rate limit, return its id."""
-        if message.authenticated_user is not None:
-            key = message.authenticated_user.casefold()
+        if message.auth_user is not None:
+            key = message.auth_user.casefold()
             self._accepted_times.setdefault(key, collections.deque()).append(
                 time.monotonic()
             )
