@@ -1,4 +1,9 @@
-"""Assembles the daemon: configuration, log sink, spool, delivery and listener."""
+"""Assembles the daemon: configuration, log sink, spool, delivery and listener.
+
+Also the daemon's side of the service manager: READY=1 once the spool is
+recovered and every listener is bound, STATUS= and WATCHDOG=1 while it runs,
+RELOADING=1 and READY=1 around a SIGHUP reload, STOPPING=1 at shutdown.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,17 @@ import contextlib
 import errno
 import os
 import signal
+from pathlib import Path
 
 import structlog
 
-from relay.config import DaemonConfig, SettingsStore
+from relay.admin import AdminServer
+from relay.config import (
+    DaemonConfig,
+    SettingsStore,
+    apply_reloadable,
+    load_daemon_config,
+)
 from relay.delivery import (
     DeliveryService,
     ModeSwitchingSink,
@@ -20,10 +32,15 @@ from relay.delivery import (
 from relay.errors import ConfigError, SpoolError
 from relay.inbound import InboundServer, load_inbound_credentials, make_authenticator
 from relay.logsink import REDACTOR, LogSink
+from relay.metrics import RelayMetrics
+from relay.service import RelayStatus, SystemdNotifier
 from relay.spool import Spool
 from relay.upstream import build_tls_context
 
 log = structlog.get_logger(__name__)
+
+# How often `systemctl status` gets a fresh queue line.
+STATUS_INTERVAL_SECONDS = 10.0
 
 
 class StartupError(Exception):
@@ -33,8 +50,14 @@ class StartupError(Exception):
 class RelayApp:
     """One running relay: start it, let it serve, stop it without losing mail."""
 
-    def __init__(self, config: DaemonConfig) -> None:
+    def __init__(
+        self, config: DaemonConfig, *, config_path: Path | None = None
+    ) -> None:
         self.config = config
+        # Where SIGHUP re-reads the configuration from; None: it is not re-read.
+        self.config_path = config_path
+        self.metrics = RelayMetrics()
+        self.notifier = SystemdNotifier.from_environment()
         self.settings = SettingsStore(config.paths.settings_file)
         self._register_secrets()
         self.sink = LogSink(
@@ -47,21 +70,26 @@ class RelayApp:
         )
         self.spool = Spool(config.paths.spool_dir)
         self.tls_context = build_tls_context(config.tls)
+        recorder = self.metrics.counting_errors(self.sink)
         self.delivery = DeliveryService(
             spool=self.spool,
             config=config,
             settings=self.settings,
-            recorder=self.sink,
+            recorder=recorder,
             tls_context=self.tls_context,
+            metrics=self.metrics,
         )
-        spooling = SpoolingSink(spool=self.spool, delivery=self.delivery)
+        spooling = SpoolingSink(
+            spool=self.spool, delivery=self.delivery, metrics=self.metrics
+        )
         self.accepting = spooling
         passthrough = PassThroughSink(
             config=config,
             settings=self.settings,
-            recorder=self.sink,
+            recorder=recorder,
             tls_context=self.tls_context,
         )
+        self.passthrough = passthrough
         authenticator = None
         if config.listen.auth_credentials_file is not None:
             authenticator = make_authenticator(
@@ -74,8 +102,14 @@ class RelayApp:
             ),
             authenticator=authenticator,
         )
+        # Built here so that an unsafe token file stops the daemon as a config error.
+        self.admin = (
+            AdminServer(self, config=config.admin) if config.admin.enabled else None
+        )
         self._stop = asyncio.Event()
         self._delivery_task: asyncio.Task[None] | None = None
+        self._reload_lock = asyncio.Lock()
+        self._reload_tasks: set[asyncio.Task[None]] = set()
 
     def _register_secrets(self) -> None:
         current = self.settings.current
@@ -96,6 +130,8 @@ class RelayApp:
         try:
             await self.inbound.start()
         except OSError as exc:
+            # The addresses bound before the failing one must be let go too.
+            await self.inbound.stop(grace=0)
             await self.spool.close()
             if exc.errno == errno.EADDRINUSE:
                 raise StartupError(
@@ -110,24 +146,114 @@ class RelayApp:
                 ) from exc
             raise StartupError(f"cannot listen: {exc}") from exc
 
+        if self.admin is not None:
+            try:
+                await self.admin.start()
+            except OSError as exc:
+                await self.inbound.stop(grace=0)
+                await self.spool.close()
+                admin = self.config.admin
+                where = f"port {admin.port} on {', '.join(admin.addresses)}"
+                if exc.errno == errno.EADDRINUSE:
+                    raise StartupError(
+                        f"admin {where} is already in use: choose another [admin] "
+                        "port, or set [admin] enabled = false"
+                    ) from exc
+                raise StartupError(
+                    f"cannot listen for admin on {where}: {exc}"
+                ) from exc
+
         self._delivery_task = asyncio.create_task(
             self.delivery.run(self._stop), name="delivery"
         )
         log.info("relay_started", port=self.inbound.port, pid=os.getpid())
 
     async def reload(self) -> None:
-        """SIGHUP: re-read the Mail Settings and reopen the log file."""
+        """SIGHUP: re-read the configuration and Mail Settings, reopen the log file.
+
+        Open SMTP sessions carry on. A configuration that does not load is
+        ignored (the old one stays); parts that only a restart can change are
+        named in the log.
+        """
+        async with self._reload_lock:
+            self.notifier.reloading()
+            applied, needs_restart = self._reload_daemon_config()
+            try:
+                self.settings.reload()
+            except ConfigError as error:
+                log.error("reload_failed", key=error.key, problem=error.problem)
+            self._register_secrets()
+            self.sink.reopen()
+            self.delivery.wake()
+            log.info(
+                "relay_reloaded",
+                config_applied=list(applied),
+                config_needs_restart=list(needs_restart),
+            )
+            self.notifier.ready(status=await self._status_line())
+
+    def _reload_daemon_config(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Apply what can change live from the configuration file."""
+        if self.config_path is None:
+            return (), ()
         try:
-            self.settings.reload()
+            new = load_daemon_config(self.config_path)
         except ConfigError as error:
-            log.error("reload_failed", key=error.key, problem=error.problem)
-        self._register_secrets()
-        self.sink.reopen()
-        self.delivery.wake()
-        log.info("relay_reloaded")
+            log.error("config_reload_failed", key=error.key, problem=error.problem)
+            return (), ()
+
+        self.config, applied, needs_restart = apply_reloadable(self.config, new)
+        self.delivery.reconfigure(self.config)
+        self.passthrough.reconfigure(self.config)
+        if needs_restart:
+            log.warning("config_needs_restart", sections=list(needs_restart))
+        return applied, needs_restart
+
+    async def status(self) -> RelayStatus:
+        """Queue depth by state, hold and last error; refreshes the queue gauges."""
+        counts = {
+            str(state): count
+            for state, count in (await self.spool.counts_by_state()).items()
+        }
+        held = self.delivery.held
+        self.metrics.set_queue_depth(counts, held=held)
+        error = self.delivery.last_error
+        last_error = (
+            REDACTOR.scrub(f"{error.category}: {error.message}") if error else None
+        )
+        return RelayStatus(queue=counts, held=held, last_error=last_error)
+
+    async def _status_line(self) -> str | None:
+        try:
+            return (await self.status()).describe()
+        except (SpoolError, RuntimeError) as exc:
+            # The spool is closing: the line is only cosmetic.
+            log.warning("status_unavailable", error=str(exc))
+            return None
+
+    def _healthy(self) -> bool:
+        """Whether delivery still runs; the watchdog pings only while it does."""
+        return self._delivery_task is not None and not self._delivery_task.done()
+
+    async def _report_to_service_manager(self) -> None:
+        """Watchdog pings and STATUS= lines for systemd, until cancelled."""
+        await asyncio.gather(
+            self.notifier.run_watchdog(healthy=self._healthy),
+            self.notifier.run_status_updates(
+                status=self.status, interval=STATUS_INTERVAL_SECONDS
+            ),
+        )
+
+    def _reload_soon(self) -> None:
+        task = asyncio.create_task(self.reload(), name="reload")
+        # Held until done: the loop keeps only weak references to tasks.
+        self._reload_tasks.add(task)
+        task.add_done_callback(self._reload_tasks.discard)
 
     async def stop(self) -> None:
         """Stop accepting, let delivery finish its current messages, close the spool."""
+        if self.admin is not None:
+            await self.admin.stop()
         await self.inbound.stop(grace=2.0)
         self._stop.set()
         if self._delivery_task is not None:
@@ -138,18 +264,36 @@ class RelayApp:
         log.info("relay_stopped")
 
     async def serve_forever(self) -> None:
-        """Run until SIGTERM or SIGINT; SIGHUP reloads."""
+        """Run until SIGTERM or SIGINT; SIGHUP reloads; systemd hears each step."""
         loop = asyncio.get_running_loop()
         stopping = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stopping.set)
         loop.add_signal_handler(signal.SIGINT, stopping.set)
-        loop.add_signal_handler(
-            signal.SIGHUP, lambda: asyncio.ensure_future(self.reload())
+        try:
+            await self.start()
+        except BaseException:
+            _remove_signal_handlers(loop)
+            raise
+        # Only now: a reload needs an open spool, and SIGHUP before READY=1 has
+        # no meaning to systemd.
+        loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
+        self.notifier.ready(status=await self._status_line())
+        reporter = asyncio.create_task(
+            self._report_to_service_manager(), name="service-manager"
         )
-        await self.start()
         try:
             await stopping.wait()
         finally:
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(signum)
+            # A second signal during shutdown takes its default effect.
+            _remove_signal_handlers(loop)
+            self.notifier.stopping(status="shutting down")
+            reporter.cancel()
+            # Whatever ended the reporter, shutdown goes on.
+            await asyncio.gather(reporter, return_exceptions=True)
             await self.stop()
+            self.notifier.close()
+
+
+def _remove_signal_handlers(loop: asyncio.AbstractEventLoop) -> None:
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.remove_signal_handler(signum)

@@ -34,10 +34,14 @@ def command_serve(arguments: argparse.Namespace) -> int:
     config = _load_config(arguments.config)
     configure_logging(level=arguments.log_level)
     try:
-        app = RelayApp(config)
+        app = RelayApp(config, config_path=arguments.config)
     except ConfigError as error:
         print(f"epp-mail-relay: configuration error: {error.message}", file=sys.stderr)
         return EXIT_CONFIG
+    except (OSError, sqlite3.Error) as error:
+        # The log file, its database or a state file cannot be created or opened.
+        print(f"epp-mail-relay: cannot start: {error}", file=sys.stderr)
+        return EXIT_STARTUP
     try:
         asyncio.run(app.serve_forever())
     except StartupError as error:

@@ -30,6 +30,8 @@ log = structlog.get_logger(__name__)
 
 # An upstream session unused for this long is closed; Exchange drops idle ones.
 IDLE_SESSION_SECONDS = 30.0
+# At shutdown, messages being sent get this long to finish before they are cut off.
+STOP_GRACE_SECONDS = 10.0
 
 
 class ErrorRecorder(Protocol):
@@ -77,6 +79,7 @@ class DeliveryService:
         self._wake = asyncio.Event()
         self._queue: asyncio.Queue[QueuedMessage] = asyncio.Queue()
         self._idle_workers = config.delivery.concurrency
+        self._in_flight: dict[str, QueuedMessage] = {}
         self._settings_version = settings.version
         self.held = False
         self.hold_reason: RelayError | None = None
@@ -107,33 +110,66 @@ class DeliveryService:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Dispatch due messages to the workers until `stop` is set."""
-        counts = await self._spool.counts_by_state()
-        self.held = any(count for state, count in counts.items() if state == "held")
+        try:
+            counts = await self._spool.counts_by_state()
+            self.held = counts.get(MessageState.HELD, 0) > 0
+        except RelayError as error:
+            log.error("delivery_start_failed", error=error.message)
         workers = [
             asyncio.create_task(self._worker(), name=f"delivery-worker-{number}")
             for number in range(self._config.delivery.concurrency)
         ]
         try:
             while not stop.is_set():
-                await self._follow_settings()
-                if not self.held and self._idle_workers > self._queue.qsize():
-                    free = self._idle_workers - self._queue.qsize()
-                    for message in await self._spool.claim_due(limit=free):
-                        self._queue.put_nowait(message)
-                await self._sleep_until_due(stop)
+                try:
+                    await self._dispatch_due_messages()
+                    timeout = await self._seconds_until_due()
+                except Exception as exc:
+                    # The dispatcher must outlive a passing spool or settings
+                    # fault: without it nothing queued would ever leave.
+                    log.error(
+                        "delivery_dispatch_failed",
+                        error_type=type(exc).__name__,
+                        error=str(exc),
+                    )
+                    timeout = self._config.delivery.poll_interval
+                await self._sleep(stop, timeout)
         finally:
-            for worker in workers:
-                worker.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
-            # Messages claimed but not started go back to the queue at once.
-            while not self._queue.empty():
-                message = self._queue.get_nowait()
+            await self._stop_workers(workers)
+
+    async def _dispatch_due_messages(self) -> None:
+        # Cleared before looking, so a wake() that comes while we look is kept.
+        self._wake.clear()
+        await self._follow_settings()
+        free = self._idle_workers - self._queue.qsize()
+        if self.held or free <= 0:
+            return
+        for message in await self._spool.claim_due(limit=free):
+            self._queue.put_nowait(message)
+
+    async def _stop_workers(self, workers: list[asyncio.Task[None]]) -> None:
+        """Let messages in flight finish briefly, then put the rest back in the queue."""
+        unstarted: list[QueuedMessage] = []
+        while not self._queue.empty():
+            unstarted.append(self._queue.get_nowait())
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        while self._in_flight and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        for worker in workers:
+            worker.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+
+        # A message cut off mid-delivery may already be with the upstream: sending
+        # it again risks a duplicate, which beats losing it.
+        for message in unstarted + list(self._in_flight.values()):
+            with contextlib.suppress(Exception):
                 await self._spool.defer(
                     message.queue_id,
                     next_attempt_at=self._clock(),
                     error=message.last_error or "",
                     count_attempt=False,
                 )
+        self._in_flight.clear()
 
     async def _follow_settings(self) -> None:
         """New Mail Settings release a held queue: they may be the fix."""
@@ -147,12 +183,18 @@ class DeliveryService:
             log.info("settings_changed", version=self._settings_version)
             await self.release_hold()
 
-    async def _sleep_until_due(self, stop: asyncio.Event) -> None:
-        timeout = self._config.delivery.poll_interval
+    async def _seconds_until_due(self) -> float:
+        """How long the dispatcher may sleep; a wake() cuts it short."""
+        poll = self._config.delivery.poll_interval
+        no_worker_free = self._idle_workers - self._queue.qsize() <= 0
+        if self.held or no_worker_free:
+            return poll
         next_due = await self._spool.next_due_at()
-        if next_due is not None and not self.held:
-            timeout = max(0.0, min(timeout, next_due - self._clock()))
-        self._wake.clear()
+        if next_due is None:
+            return poll
+        return max(0.0, min(poll, next_due - self._clock()))
+
+    async def _sleep(self, stop: asyncio.Event, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
             waiter = asyncio.create_task(self._wake.wait())
             stopper = asyncio.create_task(stop.wait())
@@ -177,13 +219,32 @@ class DeliveryService:
                     session = None
                     continue
                 self._idle_workers -= 1
+                self._in_flight[message.queue_id] = message
                 try:
                     session = await self._deliver(message, session)
+                except Exception as exc:
+                    await self._recover_from_fault(message, exc)
                 finally:
+                    self._in_flight.pop(message.queue_id, None)
                     self._idle_workers += 1
                     self.wake()
         finally:
             await _close_session(session)
+
+    async def _recover_from_fault(self, message: QueuedMessage, exc: Exception) -> None:
+        """A fault of our own (spool, bug) defers the message instead of stranding it."""
+        log.error(
+            "delivery_internal_error",
+            queue_id=message.queue_id,
+            error_type=type(exc).__name__,
+            error=str(exc),
+        )
+        with contextlib.suppress(Exception):
+            await self._spool.defer(
+                message.queue_id,
+                next_attempt_at=self._clock() + self._config.retry.initial_delay,
+                error=f"internal error: {type(exc).__name__}",
+            )
 
     async def _deliver(
         self, message: QueuedMessage, session: UpstreamSession | None

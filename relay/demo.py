@@ -42,6 +42,8 @@ def demo_config(directory: Path, *, ca_file: Path) -> dict[str, object]:
         "tls": {"ca_file": str(ca_file)},
         "delivery": {"poll_interval": 0.2},
         "logs": {"syslog": False},
+        # The demo shows relaying; an admin port and token file are not needed.
+        "admin": {"enabled": False},
     }
 
 

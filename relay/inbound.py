@@ -61,6 +61,7 @@ _FORBIDDEN_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>\s]")
 INTERNAL_ERROR_REPLY = (
     "451 4.3.0 Local error in processing; the message was not accepted, try again later"
 )
+NULL_SENDER = "<>"
 STORAGE_FULL_REPLY = "452 4.3.1 Insufficient system storage; try again later"
 
 
@@ -135,11 +136,17 @@ class RelayHandler:
         address: str,
         mail_options: list[str],
     ) -> str:
-        if _FORBIDDEN_IN_ADDRESS.search(address):
+        # aiosmtpd hands the null reverse-path of a bounce (RFC 5321 section
+        # 4.5.5) over as "<>" and takes an empty sender for "no MAIL yet", so the
+        # marker is kept until the message is stored.
+        if address in ("", NULL_SENDER):
+            envelope.mail_from = NULL_SENDER
+        elif _FORBIDDEN_IN_ADDRESS.search(address):
             return "553 5.1.7 The sender address has characters that are not allowed"
-        if address and not _valid_address(address, utf8=envelope.smtp_utf8):
+        elif not _valid_address(address, utf8=envelope.smtp_utf8):
             return "553 5.1.7 The sender address is not valid"
-        envelope.mail_from = address
+        else:
+            envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Sender OK"
 
@@ -180,7 +187,9 @@ class RelayHandler:
         )
         try:
             return await self._sink.accept(
-                mail_from=envelope.mail_from or "",
+                mail_from=""
+                if envelope.mail_from == NULL_SENDER
+                else envelope.mail_from or "",
                 recipients=list(envelope.rcpt_tos),
                 body=body,
                 smtputf8=bool(envelope.smtp_utf8),
@@ -225,6 +234,10 @@ def _peer_host(peer: Any) -> str:
 
 class RelaySMTP(SMTP):
     """aiosmtpd's SMTP with the relay's connection policy and reply style."""
+
+    # The prompts legacy clients expect (base64 of these, RFC 4954 section 4).
+    AuthLoginUsernameChallenge = "Username:"
+    AuthLoginPasswordChallenge = "Password:"
 
     def __init__(
         self,

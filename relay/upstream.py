@@ -335,13 +335,13 @@ def translate_exception(
             return UpstreamConnectionError(f"Connection refused by {host}:{port}")
 
     if stage is Stage.STARTTLS and isinstance(exc, aiosmtplib.SMTPException):
-        return UpstreamTlsError(f"TLS handshake failed - {exc.message}")
+        return UpstreamTlsError(f"TLS handshake failed - {_detail(exc)}")
     if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
         return UpstreamConnectionError(
             f"Connection to {host}:{port} closed by the server during {stage.upper()}"
         )
     if isinstance(exc, aiosmtplib.SMTPException | OSError):
-        detail = exc.message if isinstance(exc, aiosmtplib.SMTPException) else str(exc)
+        detail = _detail(exc)
         return UpstreamConnectionError(
             f"Connection to {host}:{port} failed during {stage.upper()}: {detail}"
         )
@@ -349,6 +349,11 @@ def translate_exception(
         f"Unexpected failure talking to {host}:{port} during {stage.upper()}: "
         f"{type(exc).__name__}"
     )
+
+
+def _detail(exc: BaseException) -> str:
+    # Not every aiosmtplib error keeps a message (SMTPRecipientsRefused does not).
+    return str(getattr(exc, "message", None) or exc or type(exc).__name__)
 
 
 def _exception_chain(exc: BaseException) -> list[BaseException]:

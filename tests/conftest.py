@@ -61,6 +61,8 @@ def relay_config_dict(
         "tls": {"ca_file": str(ca_file)},
         "delivery": {"poll_interval": 0.1},
         "logs": {"syslog": False},
+        # Port 0: every relay in a test run gets its own free admin port.
+        "admin": {"port": 0, "token_file": str(directory / "admin-token")},
     }
     for section, values in (overrides or {}).items():
         raw.setdefault(section, {}).update(values)

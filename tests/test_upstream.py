@@ -68,7 +68,8 @@ async def test_upstream_swaks_message_arrives_intact(
     exchange: SandboxExchange, start_relay: RelayFactory
 ) -> None:
     relay = await start_relay(basic_settings(exchange.port))
-    body = "Subject: from swaks\r\nX-Probe: 1\r\n\r\nswaks body line\r\n"
+    # swaks ends what --data gives it with its own CRLF.
+    body = "Subject: from swaks\r\nX-Probe: 1\r\n\r\nswaks body line"
     completed = await asyncio.to_thread(
         subprocess.run,
         [
@@ -92,7 +93,7 @@ async def test_upstream_swaks_message_arrives_intact(
     )
     assert completed.returncode == 0, completed.stderr
     await exchange.wait_for_messages(1, timeout=15)
-    assert strip_received(exchange.messages[0].data) == body.encode()
+    assert strip_received(exchange.messages[0].data) == body.encode() + b"\r\n"
 
 
 async def test_upstream_8bit_utf8_message_keeps_its_bytes(
