@@ -111,7 +111,7 @@ def format_log_table(rows: Sequence[dict[str, object]], *, width: int = 70) -> s
         else len(header)
         for index, header in enumerate(headers)
     ]
-    rule = "+".join("-" * (w + 2) for w in widths)
+    rule = "-+-".join("-" * w for w in widths)
     out = [
         " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)),
         rule,

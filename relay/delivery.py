@@ -20,7 +20,13 @@ from typing import Protocol
 import structlog
 
 from relay.config import DaemonConfig, MailSettings, SettingsStore
-from relay.errors import Disposition, RelayError, SmtpReplyError, UpstreamError
+from relay.errors import (
+    Disposition,
+    RelayError,
+    SmtpReplyError,
+    UpstreamConnectionError,
+    UpstreamError,
+)
 from relay.inbound import MessageSink
 from relay.metrics import RelayMetrics
 from relay.spool import MessageState, QueuedMessage, Spool
@@ -260,35 +266,46 @@ class DeliveryService:
             await _close_session(session)
             session = None
 
-        try:
-            if session is None:
-                session = UpstreamSession(
-                    settings=settings,
-                    timeouts=self._config.timeouts,
-                    tls_context=self._tls_context,
-                    local_hostname=self._config.listen.hostname,
-                    token_provider=self._token_provider,
-                )
-                with self._metrics.time_upstream("open"):
-                    await session.open()
-            body = await self._spool.read_body(message.queue_id)
-            with self._metrics.time_upstream("send"):
-                result = await session.send(
-                    mail_from=message.mail_from,
-                    recipients=message.recipients,
-                    body=body,
-                    smtputf8=message.smtputf8,
-                    body_8bit=message.body_8bit,
-                )
-        except RelayError as error:
-            if session is not None and not session.usable:
-                await _close_session(session)
-                session = None
-            await self._handle_failure(message, error, settings)
-            return session
+        body = await self._spool.read_body(message.queue_id)
+        # A reused connection may have been dropped by the server while idle
+        # (Exchange does): that costs one fresh connection, not a failure.
+        attempts_left = 2 if session is not None else 1
+        while True:
+            attempts_left -= 1
+            try:
+                if session is None:
+                    session = self._new_session(settings)
+                    with self._metrics.time_upstream("open"):
+                        await session.open()
+                with self._metrics.time_upstream("send"):
+                    result = await session.send(
+                        mail_from=message.mail_from,
+                        recipients=message.recipients,
+                        body=body,
+                        smtputf8=message.smtputf8,
+                        body_8bit=message.body_8bit,
+                    )
+                break
+            except RelayError as error:
+                if session is not None and not session.usable:
+                    await _close_session(session)
+                    session = None
+                if attempts_left > 0 and isinstance(error, UpstreamConnectionError):
+                    continue
+                await self._handle_failure(message, error, settings)
+                return session
 
         await self._handle_result(message, result, settings, started=started)
         return session
+
+    def _new_session(self, settings: MailSettings) -> UpstreamSession:
+        return UpstreamSession(
+            settings=settings,
+            timeouts=self._config.timeouts,
+            tls_context=self._tls_context,
+            local_hostname=self._config.listen.hostname,
+            token_provider=self._token_provider,
+        )
 
     async def _handle_result(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import shutil
+import sys
 import smtplib
 import tempfile
 import time
@@ -85,7 +86,7 @@ def _send(port: int, message: EmailMessage, *, recipients: list[str]) -> str:
 async def run_demo(*, keep: bool = False) -> int:
     """Run the whole demo; returns the process exit code."""
     started = time.monotonic()
-    configure_logging(level="warning")
+    configure_logging(level="warning", stream=sys.stderr)
     directory = Path(tempfile.mkdtemp(prefix="epp-mail-relay-demo-"))
     try:
         return await _run(directory, started)
@@ -147,7 +148,11 @@ async def _run(directory: Path, started: float) -> int:
         print(
             "4. a message while the server refuses AUTH (535 5.7.3): the queue is held"
         )
+        # The server is restarted with AUTH refused, as when a tenant turns SMTP
+        # AUTH off: the relay's open connection ends and the next AUTH fails.
+        await exchange.stop()
         exchange.inject("auth", "535 5.7.3 Authentication unsuccessful [SANDBOX]")
+        await exchange.start()
         await asyncio.to_thread(
             _send, port, _plain_message(), recipients=["ops@contoso.test"]
         )
