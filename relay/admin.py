@@ -43,6 +43,7 @@ ADMIN_TOKEN: Final = web.AppKey("admin_token", str)
 
 _LOOPBACK_PUBLIC: Final = "_relay_loopback_public"
 _TOKEN_BYTES: Final = 32
+_SHUTDOWN_SECONDS: Final = 2.0
 
 
 def loopback_public(handler: Handler) -> Handler:
@@ -163,8 +164,11 @@ class AdminServer:
 
         Raises OSError (EADDRINUSE, EACCES) as the socket layer reports it.
         """
-        # No access log: a scrape every few seconds would bury the journal.
-        runner = web.AppRunner(self.application, access_log=None)
+        # No access log: a scrape every few seconds would bury the journal. A short
+        # shutdown timeout: systemd's stop timeout is the relay's, not aiohttp's.
+        runner = web.AppRunner(
+            self.application, access_log=None, shutdown_timeout=_SHUTDOWN_SECONDS
+        )
         await runner.setup()
         port = self._config.port
         try:

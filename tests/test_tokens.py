@@ -403,8 +403,12 @@ async def test_tokens_redirect_mismatch_page_names_the_exact_uri(
     answer = await open_authorize_url(url, entra_pki)
     page = html.unescape(answer.text)
 
-    assert (answer.status, "AADSTS50011" in page, f"'{unregistered}'" in page,
-            entra.received_redirect_uris[-1]) == (400, True, True, unregistered)  # fmt: skip
+    assert (
+        answer.status,
+        "AADSTS50011" in page,
+        f"'{unregistered}'" in page,
+        entra.received_redirect_uris[-1],
+    ) == (400, True, True, unregistered)
 
 
 async def test_tokens_redirect_mismatch_error_carries_the_uri_sent(
@@ -462,8 +466,11 @@ async def test_tokens_device_code_sign_in_then_refresh_as_public_client(
 
     token = await manager.get_access_token()
 
-    assert (result.mailbox, "/devicelogin" in prompts[0],
-            entra.validate_access_token(MAILBOX, token)) == (MAILBOX, True, None)  # fmt: skip
+    assert (
+        result.mailbox,
+        "/devicelogin" in prompts[0],
+        entra.validate_access_token(MAILBOX, token),
+    ) == (MAILBOX, True, None)
 
 
 async def test_tokens_unknown_tenant_is_aadsts90002(
@@ -905,11 +912,8 @@ def test_tokens_every_request_exception_is_translated(
 
 
 def _dns_failure() -> requests.ConnectionError:
-    reason = urllib3.exceptions.NameResolutionError(
-        "login.test",
-        None,
-        socket.gaierror(socket.EAI_NONAME, "Name or service not known"),  # type: ignore[arg-type]
-    )
+    lookup = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    reason = urllib3.exceptions.NameResolutionError("login.test", None, lookup)  # type: ignore[arg-type]
     return requests.ConnectionError(
         urllib3.exceptions.MaxRetryError(None, "/", reason)  # type: ignore[arg-type]
     )
@@ -959,8 +963,11 @@ def test_tokens_error_message_is_one_line_without_trace_tail(
         }
     )
 
-    assert (error.message.startswith(f"AADSTS{code}"), "Trace ID" in error.message,
-            "\n" in error.message or "\r" in error.message) == (True, False, False)  # fmt: skip
+    assert (
+        error.message.startswith(f"AADSTS{code}"),
+        "Trace ID" in error.message,
+        "\n" in error.message or "\r" in error.message,
+    ) == (True, False, False)
 
 
 def test_tokens_error_message_masks_a_secret_echoed_by_the_server() -> None:
