@@ -222,8 +222,9 @@ class TokenManager:
     ) -> SignInResult:
         """Redeem the code from the redirect the admin was sent to.
 
-        Takes the whole redirect URL as pasted, or its query parameters. On any
-        failure raises OAuthError; show SIGN_IN_FAILED_TEXT, log the error.
+        Takes the whole redirect URL as pasted, or its query parameters. On
+        failure raises OAuthError (ConfigError for incomplete settings): show
+        SIGN_IN_FAILED_TEXT, log the error's message.
         """
         params = _auth_response_params(redirect_url_or_params)
         state = params.get("state", "")
@@ -304,9 +305,9 @@ class TokenManager:
         """
         while not stop.is_set():
             self._state_changed.clear()
-            due = await asyncio.to_thread(self._next_refresh_due)
-            if self._background_retry_at is not None:
-                due = max(due or 0.0, self._background_retry_at)
+            due = self._next_refresh_due()
+            if due is not None and self._background_retry_at is not None:
+                due = max(due, self._background_retry_at)
             delay = None if due is None else due - self._clock()
             if delay is None:
                 await self._wait(stop, self._oauth.keepalive_interval)
@@ -567,7 +568,7 @@ class TokenManager:
         if not isinstance(state, dict):
             self._cache_problem = "not a JSON object"
             return
-        self._cache.deserialize(json.dumps(state))
+        self._cache.deserialize(text)
 
     def _save_cache_if_changed(self) -> None:
         """Write the cache file atomically if msal changed anything (mode 0600)."""

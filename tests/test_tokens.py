@@ -33,7 +33,13 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from relay.config import MailSettings, OAuthConfig
-from relay.errors import Category, Disposition, OAuthError, TokenEndpointUnavailable
+from relay.errors import (
+    Category,
+    ConfigError,
+    Disposition,
+    OAuthError,
+    TokenEndpointUnavailable,
+)
 from relay.sandbox.certs import SandboxPKI
 from relay.sandbox.entra import EXCHANGE_AUDIENCE, SandboxEntra
 from relay.tokens import (
@@ -766,6 +772,48 @@ async def test_tokens_cache_file_is_private(
     mode = stat.S_IMODE((tmp_path / "token-cache.json").stat().st_mode)
 
     assert mode == 0o600
+
+
+def test_tokens_cache_file_readable_by_others_is_refused(
+    make_manager: ManagerFactory, tmp_path: Path
+) -> None:
+    cache_path = tmp_path / "token-cache.json"
+    cache_path.write_text("{}")
+    cache_path.chmod(0o644)
+
+    with pytest.raises(ConfigError) as raised:
+        make_manager(cache_path=cache_path)
+
+    assert raised.value.key == "paths.token_cache"
+
+
+async def test_tokens_unreadable_cache_asks_for_a_new_sign_in(
+    make_manager: ManagerFactory, tmp_path: Path
+) -> None:
+    cache_path = tmp_path / "token-cache.json"
+    cache_path.write_text("{not json")
+    cache_path.chmod(0o600)
+
+    error = await raised_by(make_manager(cache_path=cache_path).get_access_token())
+
+    assert isinstance(error, OAuthError)
+    assert error.message.startswith(
+        f"reauthorization required: the token cache {cache_path} could not be read"
+    )
+
+
+async def test_tokens_sign_in_replaces_an_unreadable_cache(
+    make_manager: ManagerFactory, entra_pki: SandboxPKI, tmp_path: Path
+) -> None:
+    cache_path = tmp_path / "token-cache.json"
+    cache_path.write_text("{not json")
+    cache_path.chmod(0o600)
+    manager = make_manager(cache_path=cache_path)
+    await sign_in(manager, entra_pki)
+
+    restarted = make_manager(cache_path=cache_path)
+
+    assert restarted.status().mailbox == MAILBOX
 
 
 async def test_tokens_secrets_lists_client_secret_and_cached_tokens(
