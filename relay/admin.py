@@ -87,9 +87,7 @@ def load_or_create_token(path: Path) -> str:
 async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Refuse requests without the bearer token, except public routes on loopback."""
     route_handler = request.match_info.route.handler
-    if getattr(route_handler, _LOOPBACK_PUBLIC, False) and _is_loopback(
-        request.remote
-    ):
+    if getattr(route_handler, _LOOPBACK_PUBLIC, False) and _is_loopback(request.remote):
         return await handler(request)
 
     scheme, _, supplied = request.headers.get("Authorization", "").partition(" ")

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import os
 import signal
+from collections.abc import Mapping
 from pathlib import Path
 
 import structlog
@@ -29,12 +30,13 @@ from relay.delivery import (
     PassThroughSink,
     SpoolingSink,
 )
-from relay.errors import ConfigError, SpoolError
+from relay.errors import ConfigError, OAuthError, RelayError, SpoolError
 from relay.inbound import InboundServer, load_inbound_credentials, make_authenticator
 from relay.logsink import REDACTOR, LogSink
 from relay.metrics import RelayMetrics
 from relay.service import RelayStatus, SystemdNotifier
-from relay.spool import Spool
+from relay.spool import MessageState, Spool
+from relay.tokens import SignInResult, TokenSource
 from relay.upstream import build_tls_context
 
 log = structlog.get_logger(__name__)
@@ -68,15 +70,26 @@ class RelayApp:
             max_rows=config.logs.max_rows,
             syslog=config.logs.syslog,
         )
-        self.spool = Spool(config.paths.spool_dir)
+        self.spool = Spool(
+            config.paths.spool_dir, min_free_bytes=config.paths.spool_min_free_bytes
+        )
         self.tls_context = build_tls_context(config.tls)
         recorder = self.metrics.counting_errors(self.sink)
+        self._recorder = recorder
+        self.tokens = TokenSource(
+            settings=self.settings,
+            oauth_config=config.oauth,
+            cache_path=config.paths.token_cache,
+            on_error=self._record_oauth_error,
+        )
+        self.metrics.watch_token_expiry(self._token_expires_at)
         self.delivery = DeliveryService(
             spool=self.spool,
             config=config,
             settings=self.settings,
             recorder=recorder,
             tls_context=self.tls_context,
+            token_provider=self._access_token,
             metrics=self.metrics,
         )
         spooling = SpoolingSink(
@@ -88,6 +101,7 @@ class RelayApp:
             settings=self.settings,
             recorder=recorder,
             tls_context=self.tls_context,
+            token_provider=self._access_token,
         )
         self.passthrough = passthrough
         authenticator = None
@@ -108,8 +122,63 @@ class RelayApp:
         )
         self._stop = asyncio.Event()
         self._delivery_task: asyncio.Task[None] | None = None
+        self._refresher_task: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
         self._reload_tasks: set[asyncio.Task[None]] = set()
+
+    async def _access_token(self) -> str:
+        """The upstream token provider; each secret it hands out is masked in logs."""
+        token = await self.tokens.get_access_token()
+        REDACTOR.add(token)
+        for secret in self.tokens.manager().secrets():
+            REDACTOR.add(secret)
+        return token
+
+    def _record_oauth_error(self, error: OAuthError) -> None:
+        """A background refresh failed: one row, so the administrator sees it early."""
+        self._recorder.record_error(error, settings=self.settings.current)
+
+    async def begin_sign_in(self) -> str:
+        """The authorization URL the administrator opens to sign in (Sign In)."""
+        return await self.tokens.manager().begin_sign_in()
+
+    async def complete_sign_in(self, redirect: str | Mapping[str, str]) -> SignInResult:
+        """Finish a sign-in from its redirect; a held queue goes on at once.
+
+        A failure is written as an oauth row and raised again for the caller to
+        show SIGN_IN_FAILED_TEXT.
+        """
+        settings = self.settings.current
+        try:
+            result = await self.tokens.manager().complete_sign_in(redirect)
+        except RelayError as error:
+            await asyncio.to_thread(
+                self._recorder.record_error, error, settings=settings
+            )
+            raise
+        for secret in self.tokens.manager().secrets():
+            REDACTOR.add(secret)
+        message = result.message
+        if not result.matches_configured_username:
+            message += (
+                f" Signed in as {result.mailbox}, not the configured username "
+                f"{settings.username}."
+            )
+            log.warning(
+                "signin_mailbox_mismatch",
+                mailbox=result.mailbox,
+                username=settings.username,
+            )
+        await asyncio.to_thread(
+            self.sink.record_event,
+            auth_type="oauth",
+            status="success",
+            message=message,
+            settings=settings,
+            category="oauth",
+        )
+        await self.delivery.release_hold()
+        return result
 
     def _register_secrets(self) -> None:
         current = self.settings.current
@@ -166,6 +235,9 @@ class RelayApp:
         self._delivery_task = asyncio.create_task(
             self.delivery.run(self._stop), name="delivery"
         )
+        self._refresher_task = asyncio.create_task(
+            self.tokens.run_refresher(self._stop), name="token-refresher"
+        )
         log.info("relay_started", port=self.inbound.port, pid=os.getpid())
 
     async def reload(self) -> None:
@@ -183,6 +255,8 @@ class RelayApp:
             except ConfigError as error:
                 log.error("reload_failed", key=error.key, problem=error.problem)
             self._register_secrets()
+            # A sign-in made by `epp-mail-relay signin` wrote the cache file.
+            self.tokens.reload_cache()
             self.sink.reopen()
             self.delivery.wake()
             log.info(
@@ -205,15 +279,18 @@ class RelayApp:
         self.config, applied, needs_restart = apply_reloadable(self.config, new)
         self.delivery.reconfigure(self.config)
         self.passthrough.reconfigure(self.config)
+        self.tokens.reconfigure(self.config.oauth)
         if needs_restart:
             log.warning("config_needs_restart", sections=list(needs_restart))
         return applied, needs_restart
 
     async def status(self) -> RelayStatus:
         """Queue depth by state, hold and last error; refreshes the queue gauges."""
+        # DELIVERED is always 0: the spool removes delivered messages.
         counts = {
             str(state): count
             for state, count in (await self.spool.counts_by_state()).items()
+            if state is not MessageState.DELIVERED
         }
         held = self.delivery.held
         self.metrics.set_queue_depth(counts, held=held)
@@ -222,6 +299,11 @@ class RelayApp:
             REDACTOR.scrub(f"{error.category}: {error.message}") if error else None
         )
         return RelayStatus(queue=counts, held=held, last_error=last_error)
+
+    def _token_expires_at(self) -> float | None:
+        """When the OAuth access token runs out (Unix time), for /metrics."""
+        status = self.tokens.status()
+        return status.access_token_expires_at if status is not None else None
 
     async def _status_line(self) -> str | None:
         try:
@@ -256,9 +338,10 @@ class RelayApp:
             await self.admin.stop()
         await self.inbound.stop(grace=2.0)
         self._stop.set()
-        if self._delivery_task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._delivery_task
+        for task in (self._delivery_task, self._refresher_task):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.spool.close()
         self.sink.close()
         log.info("relay_stopped")

@@ -54,6 +54,9 @@ class ListenConfig:
 @dataclass(frozen=True, kw_only=True)
 class PathsConfig:
     spool_dir: Path = DEFAULT_STATE_DIR / "spool"
+    # Free space the spool leaves on its file system; below it new mail gets
+    # 452 4.3.1, so that queued mail and SQLite always have room to finish.
+    spool_min_free_bytes: int = 64 * 1024 * 1024
     settings_file: Path = DEFAULT_STATE_DIR / "mail-settings.json"
     token_cache: Path = DEFAULT_STATE_DIR / "token-cache.json"
     log_file: Path = DEFAULT_LOG_FILE
@@ -90,6 +93,44 @@ class TlsConfig:
 class DeliveryConfig:
     concurrency: int = 3
     poll_interval: float = 1.0
+    # An upstream connection older than this is not reused: a new one picks up a
+    # fresh access token and any change on the server side.
+    connection_reuse_seconds: float = 300.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class LimitsConfig:
+    """Exchange Online's per-mailbox limits, kept so that the relay never meets them.
+
+    Exchange answers a fourth connection with 432 4.3.2, a 31st message in a
+    minute with 451 4.7.500 and the 10,001st recipient in a day with 554 5.2.0.
+    """
+
+    # Upstream sessions open at once per mailbox.
+    max_sessions: int = 3
+    # Messages (SMTP transactions) per `rate_period` seconds, spaced evenly.
+    messages_per_minute: int = 30
+    # The length of that minute; only tests and benchmarks shorten it.
+    rate_period: float = 60.0
+    # Recipients per rolling `recipient_period`; once spent, mail waits.
+    daily_recipients: int = 10_000
+    recipient_period: float = 86_400.0
+    # Recipients per transaction; the rest go in further transactions.
+    max_recipients_per_message: int = 500
+    # The first pause after a throttling reply, doubled on each repeat up to max.
+    throttle_backoff: float = 30.0
+    throttle_backoff_max: float = 900.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class SendAsConfig:
+    """Sending as the authenticated mailbox, for services that use other addresses."""
+
+    # MAIL FROM becomes the mailbox (Exchange: 550 5.7.60 otherwise).
+    rewrite_sender: bool = False
+    # From: becomes the mailbox too, the original kept in Reply-To: (Exchange:
+    # 554 5.2.252 SendAsDenied otherwise).
+    rewrite_from_header: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,6 +176,8 @@ class DaemonConfig:
     logs: LogsConfig = field(default_factory=LogsConfig)
     oauth: OAuthConfig = field(default_factory=OAuthConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    send_as: SendAsConfig = field(default_factory=SendAsConfig)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -220,6 +263,8 @@ _SECTION_TYPES: dict[str, type] = {
     "logs": LogsConfig,
     "oauth": OAuthConfig,
     "admin": AdminConfig,
+    "limits": LimitsConfig,
+    "send_as": SendAsConfig,
 }
 
 
@@ -296,6 +341,8 @@ def _validate_daemon_config(config: DaemonConfig) -> None:
         raise ConfigError("listen.max_message_size", "must be at least 1024 bytes")
     if listen.max_recipients < 1:
         raise ConfigError("listen.max_recipients", "must be at least 1")
+    if config.paths.spool_min_free_bytes < 0:
+        raise ConfigError("paths.spool_min_free_bytes", "must not be negative")
     if config.tls.minimum_version not in ("1.2", "1.3"):
         raise ConfigError("tls.minimum_version", 'must be "1.2" or "1.3"')
     if config.retry.initial_delay <= 0 or config.retry.multiplier < 1:
@@ -309,6 +356,7 @@ def _validate_daemon_config(config: DaemonConfig) -> None:
             raise ConfigError(f"timeouts.{name}", "must be positive")
     if config.delivery.concurrency < 1:
         raise ConfigError("delivery.concurrency", "must be at least 1")
+    _validate_limits(config.limits)
     if not config.oauth.authority_host.startswith("https://"):
         raise ConfigError("oauth.authority_host", "must be an https:// URL")
     if not 0 <= config.admin.port <= 65535:
@@ -320,6 +368,25 @@ def _validate_daemon_config(config: DaemonConfig) -> None:
             raise ConfigError(
                 "admin.addresses", f"not an IP address: {address}"
             ) from exc
+
+
+def _validate_limits(limits: LimitsConfig) -> None:
+    for name in (
+        "max_sessions",
+        "messages_per_minute",
+        "daily_recipients",
+        "max_recipients_per_message",
+    ):
+        if getattr(limits, name) < 1:
+            raise ConfigError(f"limits.{name}", "must be at least 1")
+    for name in (
+        "rate_period",
+        "recipient_period",
+        "throttle_backoff",
+        "throttle_backoff_max",
+    ):
+        if getattr(limits, name) <= 0:
+            raise ConfigError(f"limits.{name}", "must be positive")
 
 
 # What a SIGHUP can change in a running relay. Everything else is bound at start

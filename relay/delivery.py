@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import ssl
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 import structlog
@@ -261,7 +263,9 @@ class DeliveryService:
             await self._spool.hold(message.queue_id, error=message.last_error or "held")
             return session
         if session is not None and (
-            session.settings is not settings or not session.usable
+            session.settings is not settings
+            or not session.usable
+            or session.age() > self._config.delivery.connection_reuse_seconds
         ):
             await _close_session(session)
             session = None
@@ -451,31 +455,47 @@ class SpoolingSink(MessageSink):
         self._metrics = metrics if metrics is not None else RelayMetrics()
         self.accepted_count = 0
 
+    def new_body_file(self) -> Path | None:
+        # On the spool's own file system, so that storing it is a rename.
+        return self._spool.new_temp_file()
+
     async def accept(
         self,
         *,
         mail_from: str,
         recipients: list[str],
-        body: bytes,
+        body: bytes | Path,
         smtputf8: bool,
         body_8bit: bool,
         client_address: str,
     ) -> str:
-        queue_id = await self._spool.store(
-            mail_from=mail_from,
-            recipients=recipients,
-            body=body,
-            smtputf8=smtputf8,
-            body_8bit=body_8bit,
-            client_address=client_address,
-        )
+        if isinstance(body, Path):
+            size = os.stat(body).st_size
+            queue_id = await self._spool.store_from_file(
+                body,
+                mail_from=mail_from,
+                recipients=recipients,
+                smtputf8=smtputf8,
+                body_8bit=body_8bit,
+                client_address=client_address,
+            )
+        else:
+            size = len(body)
+            queue_id = await self._spool.store(
+                mail_from=mail_from,
+                recipients=recipients,
+                body=body,
+                smtputf8=smtputf8,
+                body_8bit=body_8bit,
+                client_address=client_address,
+            )
         self.accepted_count += 1
         self._metrics.messages_accepted.inc()
         self._delivery.wake()
         log.info(
             "message_queued",
             queue_id=queue_id,
-            size=len(body),
+            size=size,
             recipients=len(recipients),
             client=client_address,
         )
@@ -509,11 +529,17 @@ class PassThroughSink(MessageSink):
         *,
         mail_from: str,
         recipients: list[str],
-        body: bytes,
+        body: bytes | Path,
         smtputf8: bool,
         body_8bit: bool,
         client_address: str,
     ) -> str:
+        if isinstance(body, Path):
+            # Only when the mode changed while the body arrived; pass-through
+            # bodies are otherwise kept in memory.
+            path = body
+            body = await asyncio.to_thread(path.read_bytes)
+            path.unlink(missing_ok=True)
         settings = self._settings.current
         session = UpstreamSession(
             settings=settings,
@@ -586,22 +612,25 @@ class ModeSwitchingSink(MessageSink):
         self._spooling = spooling
         self._passthrough = passthrough
 
+    def new_body_file(self) -> Path | None:
+        return self._current_sink().new_body_file()
+
+    def _current_sink(self) -> MessageSink:
+        if self._settings.current.email_type == "native":
+            return self._passthrough
+        return self._spooling
+
     async def accept(
         self,
         *,
         mail_from: str,
         recipients: list[str],
-        body: bytes,
+        body: bytes | Path,
         smtputf8: bool,
         body_8bit: bool,
         client_address: str,
     ) -> str:
-        sink: MessageSink = (
-            self._passthrough
-            if self._settings.current.email_type == "native"
-            else self._spooling
-        )
-        return await sink.accept(
+        return await self._current_sink().accept(
             mail_from=mail_from,
             recipients=recipients,
             body=body,

@@ -40,6 +40,8 @@ class Category(enum.StrEnum):
     OAUTH = "oauth"
     CONFIG = "config"
     SPOOL = "spool"
+    # A sending limit of the mailbox (the daily recipient budget) holds the mail.
+    LIMIT = "limit"
 
 
 class Disposition(enum.StrEnum):
@@ -54,6 +56,9 @@ class Disposition(enum.StrEnum):
     FAIL_RECIPIENT = "fail_recipient"
     # The whole message is refused for good.
     FAIL_MESSAGE = "fail_message"
+    # The mailbox is over a rate or concurrency limit: pause the whole mailbox,
+    # then try again without counting it against the message's retries or life.
+    THROTTLE = "throttle"
 
 
 class Stage(enum.StrEnum):
@@ -89,7 +94,7 @@ class RelayError(Exception):
 
     @property
     def temporary(self) -> bool:
-        return self.disposition is Disposition.DEFER
+        return self.disposition in (Disposition.DEFER, Disposition.THROTTLE)
 
     def fingerprint(self) -> tuple[str, str, str]:
         """Identity of this failure for de-duplicating log rows."""
@@ -257,6 +262,17 @@ _HOLD_RULES = (
 )
 
 
+def is_throttling(reply_code: int, enhanced: str | None) -> bool:
+    """Whether a reply says the mailbox sends too much or on too many connections.
+
+    Exchange Online answers a fourth connection with 432 4.3.2 and a message over
+    the per-minute rate with 451 4.7.500 (the 4.7.5xx family is its throttling).
+    """
+    if reply_code == 432:
+        return True
+    return 400 <= reply_code < 500 and (enhanced or "").startswith("4.7.5")
+
+
 def classify_reply(reply_code: int, reply_text: str, *, stage: Stage) -> Disposition:
     """Decide what a non-success upstream reply means for delivery.
 
@@ -274,6 +290,8 @@ def classify_reply(reply_code: int, reply_text: str, *, stage: Stage) -> Disposi
             continue
         return Disposition.HOLD
 
+    if is_throttling(reply_code, enhanced):
+        return Disposition.THROTTLE
     if 400 <= reply_code < 500 or reply_code < 200 or reply_code >= 600:
         return Disposition.DEFER
     # A 5xx before the envelope starts is about the session, not this message.

@@ -10,8 +10,10 @@ exception inside.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import ipaddress
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -24,6 +26,7 @@ import structlog
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from relay.config import IpNetwork, ListenConfig
+from relay.dotstuffing import CRLF, TERMINATOR, DataUnstuffer
 from relay.errors import SpoolFullError
 
 log = structlog.get_logger(__name__)
@@ -54,7 +57,6 @@ _ENHANCED_BY_REPLY = {
     "555": "5.5.4",
 }
 _ENHANCED_CODE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}(\s|$)")
-_LINE_BREAKS = re.compile(rb"\r\n|\r|\n")
 # Characters that would let an address inject commands or headers upstream.
 _FORBIDDEN_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>\s]")
 
@@ -63,28 +65,111 @@ INTERNAL_ERROR_REPLY = (
 )
 NULL_SENDER = "<>"
 STORAGE_FULL_REPLY = "452 4.3.1 Insufficient system storage; try again later"
+MESSAGE_TOO_BIG_REPLY = "552 5.3.4 Message size exceeds fixed maximum message size"
+START_DATA_REPLY = "354 End data with <CR><LF>.<CR><LF>"
+# Bodies up to this size stay in memory; bigger ones are written to the spool as
+# they arrive. 256 KiB covers nearly all alerts and reports.
+BODY_MEMORY_LIMIT = 256 * 1024
 
 
 class MessageSink:
     """What the listener hands accepted messages to (the spool or pass-through)."""
+
+    def new_body_file(self) -> Path | None:
+        """A private file to stream a large body into, or None to keep it in memory.
+
+        The listener writes the body into it and passes the path to `accept`,
+        which then owns the file.
+        """
+        return None
 
     async def accept(
         self,
         *,
         mail_from: str,
         recipients: list[str],
-        body: bytes,
+        body: bytes | Path,
         smtputf8: bool,
         body_8bit: bool,
         client_address: str,
     ) -> str:
-        """Take the message; return the final reply to give the client."""
+        """Take the message; return the final reply to give the client.
+
+        `body` is the message itself, or a file from `new_body_file` holding it.
+        """
         raise NotImplementedError
 
 
-def normalise_line_endings(body: bytes) -> bytes:
-    """Turn every bare CR or LF into CRLF, so one DATA can never hold two messages."""
-    return _LINE_BREAKS.sub(b"\r\n", body)
+class IncomingBody:
+    """A message body being received: in memory while small, then in a file.
+
+    Big messages go to disk as they arrive, so that ten clients sending 30 MB
+    each do not hold 300 MB in memory.
+    """
+
+    def __init__(
+        self, *, sink: MessageSink, memory_limit: int = BODY_MEMORY_LIMIT
+    ) -> None:
+        self._sink = sink
+        self._memory_limit = memory_limit
+        self._memory = bytearray()
+        self._path: Path | None = None
+        self._descriptor: int | None = None
+        self._discarded = False
+        self.size = 0
+        self.body_8bit = False
+
+    def write(self, data: bytes) -> None:
+        """Append message bytes; raises OSError if the file cannot take them."""
+        if not data or self._discarded:
+            return
+        self.size += len(data)
+        if not self.body_8bit and not data.isascii():
+            self.body_8bit = True
+        if self._descriptor is not None:
+            _write_all(self._descriptor, data)
+            return
+        self._memory += data
+        if len(self._memory) > self._memory_limit:
+            self._move_to_file()
+
+    def _move_to_file(self) -> None:
+        path = self._sink.new_body_file()
+        if path is None:
+            return
+        self._path = path
+        # Written from the event loop: the page cache takes a block in
+        # microseconds; the fsync that makes it durable runs in the spool's thread.
+        self._descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        _write_all(self._descriptor, self._memory)
+        self._memory = bytearray()
+
+    def finish(self) -> bytes | Path:
+        """The whole body: its bytes, or the closed file that holds them."""
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
+        if self._path is not None:
+            return self._path
+        return bytes(self._memory)
+
+    def discard(self) -> None:
+        """Drop whatever was received; later writes are ignored."""
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
+            self._path = None
+        self._memory = bytearray()
+        self._discarded = True
+
+
+def _write_all(descriptor: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(descriptor, view)
+        view = view[written:]
 
 
 def received_header(
@@ -168,30 +253,32 @@ class RelayHandler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Recipient OK"
 
-    async def handle_DATA(
-        self, server: SMTP, session: Session, envelope: Envelope
-    ) -> str:
-        raw = envelope.original_content or b""
-        client_address = _peer_host(session.peer)
-        body = normalise_line_endings(raw)
-        body_8bit = any(byte >= 0x80 for byte in body)
-        hint = f"{int(time.time() * 1000):x}"
-        body = (
+    def open_body(self, session: Session) -> IncomingBody:
+        """Start a body with the relay's trace header (RFC 5321 section 4.4)."""
+        body = IncomingBody(sink=self._sink)
+        body.write(
             received_header(
                 helo=session.host_name,
-                client_address=client_address,
+                client_address=_peer_host(session.peer),
                 hostname=self._config.hostname,
-                queue_hint=hint,
+                queue_hint=f"{int(time.time() * 1000):x}",
             )
-            + body
         )
+        return body
+
+    async def accept_body(
+        self, session: Session, envelope: Envelope, body: IncomingBody
+    ) -> str:
+        """Hand a complete message to the sink; return the reply for the client."""
+        client_address = _peer_host(session.peer)
+        body_8bit = body.body_8bit
         try:
             return await self._sink.accept(
                 mail_from=""
                 if envelope.mail_from == NULL_SENDER
                 else envelope.mail_from or "",
                 recipients=list(envelope.rcpt_tos),
-                body=body,
+                body=body.finish(),
                 smtputf8=bool(envelope.smtp_utf8),
                 body_8bit=body_8bit,
                 client_address=client_address,
@@ -314,11 +401,117 @@ class RelaySMTP(SMTP):
             address = address.ipv4_mapped
         return any(address in network for network in self._allowed_networks)
 
+    async def smtp_DATA(self, arg: str) -> None:
+        """Receive the message in large blocks, not aiosmtpd's line-by-line loop.
+
+        The rules stay those of RFC 5321 section 4.5.2: only CRLF "." CRLF ends
+        the data, leading dots are removed, and the size limit is judged after
+        reading to the end (section 4.2.5), so the client hears the reply in step.
+        """
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        envelope, session = self.envelope, self.session
+        if envelope is None or session is None or not envelope.rcpt_tos:
+            await self.push("503 5.5.1 Need RCPT command first")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+
+        await self.push(START_DATA_REPLY)
+        body = self.relay_handler.open_body(session)
+        try:
+            failure = await self._receive_data(body)
+        except BaseException:
+            body.discard()
+            if self._writer is not None:
+                self._writer.close()
+            raise
+
+        if failure is not None:
+            body.discard()
+            self._end_transaction()
+            await self.push(failure)
+            return
+        status = await self.relay_handler.accept_body(session, envelope, body)
+        self._end_transaction()
+        await self.push(status)
+
+    def _end_transaction(self) -> None:
+        """Forget the envelope, as aiosmtpd does after DATA."""
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+
+    async def _receive_data(self, body: IncomingBody) -> str | None:
+        """Read up to the terminator into `body`; return a refusal, if any."""
+        unstuffer = DataUnstuffer()
+        limit = self.data_size_limit
+        failure: str | None = None
+        tail = CRLF
+        while not unstuffer.done:
+            block = await self._read_data_block(tail)
+            # The idle timeout is for silence, not for the time a big body takes.
+            self._reset_timeout()
+            tail = block[-4:] if len(block) >= 4 else (tail + block)[-4:]
+            message_bytes, _ = unstuffer.feed(block)
+            if failure is not None:
+                continue
+            if limit and unstuffer.raw_size > limit:
+                failure = MESSAGE_TOO_BIG_REPLY
+                body.discard()
+                continue
+            try:
+                body.write(message_bytes)
+            except OSError as exc:
+                log.error("inbound_body_write_failed", error=str(exc))
+                failure = (
+                    STORAGE_FULL_REPLY
+                    if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                    else INTERNAL_ERROR_REPLY
+                )
+                body.discard()
+        return failure
+
+    async def _read_data_block(self, tail: bytes) -> bytes:
+        """The next bytes of DATA, never reaching past the terminator.
+
+        Bytes after the terminator are the client's next (pipelined) command and
+        must stay in the reader for aiosmtpd's command loop. When the bytes read
+        so far end with the start of a terminator, only what could complete it is
+        read; otherwise everything up to the next whole terminator.
+        """
+        started = _terminator_started(tail)
+        if started:
+            return await self._reader.readexactly(len(TERMINATOR) - started)
+        try:
+            block: bytes = await self._reader.readuntil(TERMINATOR)
+        except asyncio.LimitOverrunError as exc:
+            # No terminator within the reader's line limit: take what is safe.
+            block = await self._reader.read(exc.consumed)
+        return block
+
+    @property
+    def relay_handler(self) -> RelayHandler:
+        """The handler, typed: aiosmtpd keeps it as `event_handler`."""
+        handler = self.event_handler
+        if not isinstance(handler, RelayHandler):
+            raise TypeError("RelaySMTP needs a RelayHandler")
+        return handler
+
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
             await super().push(_with_enhanced_code(status))
         else:
             await super().push(status)
+
+
+def _terminator_started(tail: bytes) -> int:
+    """How many bytes of a terminator `tail` ends with (0 to 4)."""
+    for length in range(len(TERMINATOR) - 1, 0, -1):
+        if tail.endswith(TERMINATOR[:length]):
+            return length
+    return 0
 
 
 def _with_enhanced_code(status: str) -> str:

@@ -28,7 +28,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -46,6 +52,11 @@ UPSTREAM_STEPS: Final = ("open", "send")
 UPSTREAM_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 TokenExpirySource = Callable[[], float | None]
+
+# The *_created series (one per counter, its creation time) only double what a
+# scrape shows; the switch is process-wide, and the daemon is this module's user.
+# (prometheus-client leaves this one function without a return annotation.)
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class RelayMetrics:

@@ -49,7 +49,7 @@ import types
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from relay.errors import SpoolError, SpoolFullError
 
@@ -63,7 +63,8 @@ _QUEUE_ID_TIME_DIGITS = 9
 _QUEUE_ID_RANDOM_DIGITS = 7
 _QUEUE_ID_PATTERN = re.compile(r"[0-9A-Za-z]{16}")
 
-_SCHEMA_VERSION = 1
+# 2 added messages.paused_seconds; a version 1 database gains it at open.
+_SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     queue_id         TEXT PRIMARY KEY,
@@ -77,7 +78,8 @@ CREATE TABLE IF NOT EXISTS messages (
     smtputf8         INTEGER NOT NULL,
     body_8bit        INTEGER NOT NULL,
     client_address   TEXT NOT NULL,
-    last_error       TEXT
+    last_error       TEXT,
+    paused_seconds   REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS messages_by_due_time ON messages (state, next_attempt_at);
 CREATE TABLE IF NOT EXISTS recipients (
@@ -114,7 +116,8 @@ ORDER BY queued_at, queue_id LIMIT ?
 """
 _DEFER_MESSAGE = """
 UPDATE messages SET state = 'deferred', next_attempt_at = ?, last_error = ?,
-    attempts = attempts + ?, state_changed_at = ?
+    attempts = attempts + ?, state_changed_at = ?,
+    paused_seconds = paused_seconds + ?
 WHERE queue_id = ?
 """
 _HOLD_MESSAGE = """
@@ -167,6 +170,9 @@ class QueuedMessage:
     body_8bit: bool
     client_address: str
     last_error: str | None
+    # Seconds spent waiting out the mailbox's limits (throttling, the daily
+    # recipient budget): they do not count toward giving up.
+    paused_seconds: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -314,6 +320,11 @@ class Spool:
                 f"version of the relay (schema {version})"
             )
         writer.executescript(_SCHEMA)
+        columns = {row[1] for row in writer.execute("PRAGMA table_info(messages)")}
+        if "paused_seconds" not in columns:
+            writer.execute(
+                "ALTER TABLE messages ADD COLUMN paused_seconds REAL NOT NULL DEFAULT 0"
+            )
         writer.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
         reader = _connect_database(self._database_path)
@@ -653,6 +664,13 @@ class Spool:
             for message in claimed
         ]
 
+    async def open_body(self, queue_id: str) -> BinaryIO:
+        """The message's body as an open file, for sending a big one in blocks."""
+        path = self.body_path(queue_id)
+        return await self._in_thread(
+            functools.partial(_open_body_file, path), action="reading a message"
+        )
+
     async def read_body(self, queue_id: str) -> bytes:
         """The message's body, byte for byte as it was stored."""
         path = self.body_path(queue_id)
@@ -760,13 +778,21 @@ class Spool:
         next_attempt_at: float,
         error: str,
         count_attempt: bool = True,
+        paused: bool = False,
     ) -> None:
-        """Put a message off until `next_attempt_at`, remembering why."""
+        """Put a message off until `next_attempt_at`, remembering why.
+
+        `paused`: the wait is for the mailbox's limits, not for this message, so
+        it is added to the message's paused_seconds and never brings the day it
+        is given up any closer.
+        """
+        now = self._clock()
         parameters = (
             next_attempt_at,
             error,
             int(count_attempt),
-            self._clock(),
+            now,
+            max(0.0, next_attempt_at - now) if paused else 0.0,
             queue_id,
         )
         await self._write(
@@ -1158,9 +1184,16 @@ def _fetch_messages(
             body_8bit=bool(row["body_8bit"]),
             client_address=row["client_address"],
             last_error=row["last_error"],
+            # A spool of schema 1 opened read-only has no such column yet.
+            paused_seconds=_column(row, "paused_seconds", 0.0),
         )
         for row in rows
     ]
+
+
+def _column(row: sqlite3.Row, name: str, default: Any) -> Any:
+    # sqlite3.Row answers `in` about its values; the names are its keys().
+    return row[name] if name in row.keys() else default  # noqa: SIM118
 
 
 def _recipient_state_counts(
@@ -1184,6 +1217,13 @@ def _rollback(connection: sqlite3.Connection) -> None:
 def _read_body_file(path: Path) -> bytes:
     try:
         return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise SpoolError(f"{_MISSING_BODY_ERROR} (queue id {path.name})") from exc
+
+
+def _open_body_file(path: Path) -> BinaryIO:
+    try:
+        return path.open("rb")
     except FileNotFoundError as exc:
         raise SpoolError(f"{_MISSING_BODY_ERROR} (queue id {path.name})") from exc
 

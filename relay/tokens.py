@@ -41,10 +41,11 @@ from urllib.parse import parse_qsl, urlsplit
 import msal
 import requests
 import requests.adapters
+import structlog
 import urllib3.exceptions
 from msal.exceptions import MsalServiceError
 
-from relay.config import MailSettings, OAuthConfig, check_private_file
+from relay.config import MailSettings, OAuthConfig, SettingsStore, check_private_file
 from relay.errors import (
     Category,
     ConfigError,
@@ -52,6 +53,8 @@ from relay.errors import (
     OAuthError,
     TokenEndpointUnavailable,
 )
+
+log = structlog.get_logger(__name__)
 
 SIGN_IN_OK_TEXT = "Your email has been verified. Authorization complete!"
 SIGN_IN_FAILED_TEXT = (
@@ -1017,3 +1020,84 @@ def _keep_msal_debug_output_quiet() -> None:
     """
     msal_logger = logging.getLogger("msal")
     msal_logger.setLevel(max(logging.INFO, msal_logger.getEffectiveLevel()))
+
+
+class TokenSource:
+    """The TokenManager for the Mail Settings in effect, and its background refresh.
+
+    A change of the settings (a new secret, tenant or client) builds a new manager
+    on the same cache file; the refresher always runs for the current one.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: SettingsStore,
+        oauth_config: OAuthConfig,
+        cache_path: Path,
+        on_error: Callable[[OAuthError], None] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._oauth_config = oauth_config
+        self._cache_path = cache_path
+        self._on_error = on_error
+        self._manager: TokenManager | None = None
+        self._manager_version = -1
+
+    def manager(self) -> TokenManager:
+        """The manager for the current settings, built anew when they changed."""
+        if self._manager is None or self._manager_version != self._settings.version:
+            self._manager = TokenManager(
+                settings=self._settings.current,
+                oauth_config=self._oauth_config,
+                cache_path=self._cache_path,
+                on_error=self._on_error,
+            )
+            self._manager_version = self._settings.version
+        return self._manager
+
+    def reconfigure(self, oauth_config: OAuthConfig) -> None:
+        self._oauth_config = oauth_config
+        self._manager = None
+
+    def reload_cache(self) -> None:
+        """Forget the in-memory cache: another process (a CLI sign-in) wrote it."""
+        self._manager = None
+
+    async def get_access_token(self) -> str:
+        return await self.manager().get_access_token()
+
+    def status(self) -> TokenStatus | None:
+        if self._settings.current.auth_type != "oauth":
+            return None
+        try:
+            return self.manager().status()
+        except (OAuthError, ConfigError):
+            return None
+
+    async def run_refresher(self, stop: asyncio.Event) -> None:
+        """Keep the current manager's tokens fresh while OAuth is in use."""
+        while not stop.is_set():
+            if self._settings.current.auth_type != "oauth":
+                await _wait_for(stop, 5.0)
+                continue
+            try:
+                manager = self.manager()
+            except (OAuthError, ConfigError) as error:
+                log.warning("token_source_unusable", error=error.message)
+                await _wait_for(stop, 60.0)
+                continue
+            version = self._settings.version
+            manager_stop = asyncio.Event()
+            refresher = asyncio.create_task(manager.run_refresher(manager_stop))
+            while not stop.is_set() and version == self._settings.version:
+                if manager is not self._manager:
+                    break
+                await _wait_for(stop, 1.0)
+            manager_stop.set()
+            await asyncio.gather(refresher, return_exceptions=True)
+
+
+async def _wait_for(event: asyncio.Event, timeout: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout)

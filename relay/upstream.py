@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -76,6 +77,7 @@ class UpstreamSession:
         self._smtp: aiosmtplib.SMTP | None = None
         self._in_sync = False
         self.messages_sent = 0
+        self.opened_at: float | None = None
 
     @property
     def usable(self) -> bool:
@@ -134,10 +136,15 @@ class UpstreamSession:
             raise
 
         self._in_sync = True
+        self.opened_at = time.monotonic()
+
+    def age(self) -> float:
+        """Seconds since the session was opened (0 before)."""
+        return 0.0 if self.opened_at is None else time.monotonic() - self.opened_at
 
     async def _authenticate(self, smtp: aiosmtplib.SMTP) -> None:
         settings = self.settings
-        offered = {method.lower() for method in smtp.supported_auth_methods}
+        offered = {method.lower() for method in smtp.server_auth_methods}
 
         if settings.auth_type == "oauth":
             if self._token_provider is None:
@@ -147,7 +154,10 @@ class UpstreamSession:
                     "auth_type", f"{settings.hostname} does not offer AUTH XOAUTH2"
                 )
             access_token = await self._token_provider()
-            await smtp.auth_xoauth2(settings.username, access_token)
+            try:
+                await smtp.auth_xoauth2(settings.username, access_token)
+            except aiosmtplib.SMTPAuthenticationError as exc:
+                raise _refused_token(exc) from exc
             return
 
         if not settings.username:
@@ -289,6 +299,21 @@ class UpstreamSession:
         except Exception:
             # QUIT is a courtesy: a server that has already gone needs nothing more.
             smtp.close()
+
+
+def _refused_token(exc: aiosmtplib.SMTPAuthenticationError) -> SmtpReplyError:
+    """Exchange refused a token msal had just vouched for: only a new sign-in helps.
+
+    Asking Entra for another token would only repeat the refusal (a token for the
+    wrong mailbox or audience, consent withdrawn), so the queue holds instead.
+    """
+    error = SmtpReplyError(exc.code, exc.message, stage=Stage.AUTH)
+    if error.enhanced_code == "5.7.3":
+        error.message += (
+            " - reauthorization required: Exchange refused the access token;"
+            " sign in again"
+        )
+    return error
 
 
 def translate_exception(

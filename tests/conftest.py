@@ -88,6 +88,13 @@ def basic_settings(port: int, **changes: Any) -> MailSettings:
 class RunningRelay:
     app: RelayApp
     directory: Path
+    stopped: bool = False
+
+    async def stop(self) -> None:
+        """Stop this relay now, as at a restart (the fixture skips it later)."""
+        if not self.stopped:
+            self.stopped = True
+            await self.app.stop()
 
     @property
     def port(self) -> int:
@@ -131,7 +138,7 @@ RelayFactory = Callable[..., Awaitable[RunningRelay]]
 @pytest.fixture
 async def start_relay(tmp_path: Path, pki: SandboxPKI) -> AsyncIterator[RelayFactory]:
     """Start relays with given Mail Settings and config overrides; stop them after."""
-    started: list[RelayApp] = []
+    started: list[RunningRelay] = []
 
     async def factory(
         settings: MailSettings,
@@ -145,12 +152,13 @@ async def start_relay(tmp_path: Path, pki: SandboxPKI) -> AsyncIterator[RelayFac
         write_mail_settings(config.paths.settings_file, settings)
         app = RelayApp(config)
         await app.start()
-        started.append(app)
-        return RunningRelay(app=app, directory=directory)
+        relay = RunningRelay(app=app, directory=directory)
+        started.append(relay)
+        return relay
 
     yield factory
-    for app in started:
-        await app.stop()
+    for relay in started:
+        await relay.stop()
 
 
 def send_mail(

@@ -58,7 +58,13 @@ EXCHANGE_REPLIES = [
         432,
         "4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded",
         Stage.AUTH,
-        Disposition.DEFER,
+        Disposition.THROTTLE,
+    ),
+    (
+        451,
+        "4.7.500 Server busy. Please try again later from [127.0.0.1]. (S77714)",
+        Stage.MAIL,
+        Disposition.THROTTLE,
     ),
     (
         421,
@@ -104,7 +110,10 @@ def test_errors_classify_reply_matches_exchange_reference(
 def test_errors_classify_reply_never_fails_a_message_on_4xx(
     code: int, text: str, stage: Stage
 ) -> None:
-    assert classify_reply(code, text, stage=stage) is Disposition.DEFER
+    assert classify_reply(code, text, stage=stage) in (
+        Disposition.DEFER,
+        Disposition.THROTTLE,
+    )
 
 
 @given(text=st.text(max_size=200), stage=st.sampled_from(list(Stage)))

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import smtplib
+import itertools
+import re
 import socket
 from pathlib import Path
 
-import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from relay.dotstuffing import DataUnstuffer, DotStuffer
 from relay.sandbox.exchange import SandboxExchange
 from tests.conftest import (
     INBOUND_PASSWORD,
@@ -265,3 +268,175 @@ async def test_inbound_without_credentials_offers_no_auth(
     relay = await start_relay(basic_settings(exchange.port))
     replies = await asyncio.to_thread(_dialogue, relay.port, [b"EHLO legacy\r\n"])
     assert b"AUTH" not in replies[1]
+
+
+# --- the block DATA path ----------------------------------------------------------
+
+_DATA_ALPHABET = st.sampled_from([b".", b"\r", b"\n", b"\r\n", b"a", b"\x80", b"\r\n."])
+
+
+def _reference_unstuff(stream: bytes) -> tuple[bytes, int] | None:
+    """The line-by-line reading of RFC 5321 section 4.5.2: the parser's oracle."""
+    lines: list[bytes] = []
+    position = 0
+    while True:
+        end = stream.find(b"\r\n", position)
+        if end < 0:
+            return None
+        line = stream[position : end + 2]
+        position = end + 2
+        if line == b".\r\n":
+            break
+        lines.append(line[1:] if line.startswith(b".") else line)
+    return re.sub(rb"\r\n|\r|\n", b"\r\n", b"".join(lines)), position
+
+
+def _feed_in_chunks(stream: bytes, cuts: list[int]) -> tuple[bytes, int]:
+    unstuffer = DataUnstuffer()
+    output = bytearray()
+    used_total = 0
+    bounds = [0, *sorted({cut % (len(stream) + 1) for cut in cuts}), len(stream)]
+    for start, end in itertools.pairwise(bounds):
+        message_bytes, used = unstuffer.feed(stream[start:end])
+        output += message_bytes
+        used_total += used
+        if unstuffer.done:
+            break
+    return bytes(output), used_total
+
+
+@given(
+    pieces=st.lists(_DATA_ALPHABET, max_size=60),
+    after=st.binary(max_size=8),
+    cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=12),
+)
+def test_inbound_block_parser_matches_the_line_by_line_reference(
+    pieces: list[bytes], after: bytes, cuts: list[int]
+) -> None:
+    stream = b"".join(pieces) + b"\r\n.\r\n" + after
+    expected = _reference_unstuff(stream)
+    assert expected is not None
+    assert _feed_in_chunks(stream, cuts) == expected
+
+
+@given(
+    pieces=st.lists(_DATA_ALPHABET, max_size=60),
+    cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=12),
+)
+def test_inbound_block_parser_never_ends_without_a_crlf_dot_crlf(
+    pieces: list[bytes], cuts: list[int]
+) -> None:
+    stream = b"".join(pieces).replace(b"\r\n.\r\n", b"\r\n..\r\n")
+    if stream.startswith(b".\r\n"):
+        stream = b"." + stream
+    unstuffer = DataUnstuffer()
+    for piece in (stream[:3], stream[3:]):
+        unstuffer.feed(piece)
+    assert unstuffer.done is (_reference_unstuff(stream) is not None)
+
+
+@given(
+    lines=st.lists(
+        st.binary(max_size=20).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+        max_size=30,
+    ),
+    cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=12),
+)
+def test_inbound_dot_stuffer_round_trips_through_the_unstuffer(
+    lines: list[bytes], cuts: list[int]
+) -> None:
+    body = b"".join(line + b"\r\n" for line in lines)
+    stuffer = DotStuffer()
+    bounds = [0, *sorted({cut % (len(body) + 1) for cut in cuts}), len(body)]
+    wire = b"".join(
+        stuffer.stuff(body[start:end]) for start, end in itertools.pairwise(bounds)
+    )
+    wire += stuffer.finish()
+    assert _feed_in_chunks(wire, [7, 100]) == (body, len(wire))
+
+
+def test_inbound_block_parser_keeps_dots_after_bare_line_feeds() -> None:
+    stream = b"a\n.\r\nb\r.\rc\r\n..d\r\n.\r\n"
+    assert _feed_in_chunks(stream, [1, 2, 3, 4, 5, 6]) == (
+        b"a\r\n.\r\nb\r\n.\r\nc\r\n.d\r\n",
+        len(stream),
+    )
+
+
+async def test_inbound_pipelined_commands_after_the_terminator_are_answered(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(basic_settings(exchange.port))
+
+    def converse() -> list[bytes]:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+            stream = sock.makefile("rb")
+            _read_reply(stream)
+            sock.sendall(
+                b"EHLO legacy\r\nMAIL FROM:<relay@contoso.test>\r\n"
+                b"RCPT TO:<ops@contoso.test>\r\nDATA\r\n"
+            )
+            for _ in range(4):
+                _read_reply(stream)
+            # The body, its end and two more commands arrive in one segment.
+            sock.sendall(b"Subject: p\r\n\r\nbody\r\n.\r\nNOOP\r\nQUIT\r\n")
+            return [_read_reply(stream) for _ in range(3)]
+
+    replies = await asyncio.to_thread(converse)
+    assert [reply[:3] for reply in replies] == [b"250", b"250", b"221"]
+
+
+async def test_inbound_oversize_data_keeps_the_session_in_step(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(
+        basic_settings(exchange.port),
+        overrides={"listen": {"max_message_size": 10_000}},
+    )
+    replies = await asyncio.to_thread(
+        _dialogue,
+        relay.port,
+        [
+            b"EHLO legacy\r\n",
+            b"MAIL FROM:<relay@contoso.test>\r\n",
+            b"RCPT TO:<ops@contoso.test>\r\n",
+            b"DATA\r\n",
+            b"Subject: big\r\n\r\n" + (b"x" * 70 + b"\r\n") * 400 + b".\r\n",
+            b"NOOP\r\n",
+        ],
+    )
+    assert (replies[-2][:9], replies[-1][:3]) == (b"552 5.3.4", b"250")
+
+
+async def test_inbound_big_body_is_streamed_to_the_spool_not_held(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(basic_settings(exchange.port))
+    streamed: list[Path] = []
+    spool = relay.app.spool
+    original = spool.new_temp_file
+
+    def recording_new_temp_file() -> Path:
+        path = original()
+        streamed.append(path)
+        return path
+
+    spool.new_temp_file = recording_new_temp_file  # type: ignore[method-assign]
+    body = (
+        b"Subject: big\r\n\r\n" + (b".dotted line\r\n" + b"y" * 70 + b"\r\n") * 20_000
+    )
+    await send_mail_async(relay.port, body=body)
+    await exchange.wait_for_messages(1, timeout=20)
+    assert (len(streamed), strip_received(exchange.messages[0].data)) == (1, body)
+
+
+async def test_inbound_small_body_stays_in_memory(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(basic_settings(exchange.port))
+    streamed: list[Path] = []
+    spool = relay.app.spool
+    spool.new_temp_file = lambda: streamed.append(Path()) or Path()  # type: ignore[method-assign]
+    await send_mail_async(relay.port)
+    await exchange.wait_for_messages(1, timeout=15)
+    assert streamed == []

@@ -162,7 +162,7 @@ def test_metrics_counting_recorder_counts_then_records() -> None:
             return True
 
     metrics = RelayMetrics()
-    recorder = metrics.counting_errors(Recorder())  # type: ignore[arg-type]
+    recorder = metrics.counting_errors(Recorder())
     error = SmtpReplyError(535, "5.7.3 Authentication unsuccessful", stage=Stage.AUTH)
     recorder.record_error(error, settings=basic_settings(587))
     counted = metrics.errors.labels(category="smtp")._value.get()
