@@ -156,7 +156,7 @@ class DeliveryService:
             self._queue.put_nowait(message)
 
     async def _stop_workers(self, workers: list[asyncio.Task[None]]) -> None:
-        """Let messages in flight finish briefly, then put the rest back in the queue."""
+        """Let messages in flight finish briefly, then requeue everything else."""
         unstarted: list[QueuedMessage] = []
         while not self._queue.empty():
             unstarted.append(self._queue.get_nowait())
@@ -240,7 +240,7 @@ class DeliveryService:
             await _close_session(session)
 
     async def _recover_from_fault(self, message: QueuedMessage, exc: Exception) -> None:
-        """A fault of our own (spool, bug) defers the message instead of stranding it."""
+        """A fault of our own (spool, bug) defers the message, never strands it."""
         log.error(
             "delivery_internal_error",
             queue_id=message.queue_id,
