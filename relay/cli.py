@@ -15,6 +15,8 @@ from relay.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/epp-mail-relay/relay.toml")
 
+AUTH_TYPE_LABELS = {"basic": "Basic", "oauth": "OAuth"}
+
 EXIT_CONFIG = 2
 EXIT_STARTUP = 3
 
@@ -93,7 +95,7 @@ def format_log_table(rows: Sequence[dict[str, object]], *, width: int = 70) -> s
     headers = ("Authentication Type", "Status", "Log Message", "Registered at")
     lines = [
         (
-            str(row["auth_type"]).title(),
+            AUTH_TYPE_LABELS.get(str(row["auth_type"]), str(row["auth_type"])),
             str(row["status"]),
             _clip(str(row["log_message"]), width)
             + (

@@ -8,23 +8,29 @@ service would, and prints what arrived and what the Mail Server Logs tab shows.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import shutil
-import sys
 import smtplib
+import ssl
+import sys
 import tempfile
 import time
 from email.message import EmailMessage
 from pathlib import Path
+
+import aiohttp
 
 from relay.app import RelayApp
 from relay.cli import format_log_table, read_log_rows
 from relay.config import MailSettings, parse_daemon_config, write_mail_settings
 from relay.logsink import configure_logging
 from relay.sandbox.certs import SandboxPKI
+from relay.sandbox.entra import SandboxEntra
 from relay.sandbox.exchange import SandboxExchange
 
 MAILBOX = "alerts@contoso.test"
+REDIRECT_URI = "http://localhost/epp/oauth/callback"
 REFUSED = "nobody@contoso.test"
 
 
@@ -100,12 +106,25 @@ async def run_demo(*, keep: bool = False) -> int:
 async def _run(directory: Path, started: float) -> int:
     pki = SandboxPKI.create(directory / "pki")
     password = secrets.token_urlsafe(18)
-    exchange = SandboxExchange(pki=pki, users={MAILBOX: password})
+    client_secret = secrets.token_urlsafe(24)
+    entra = SandboxEntra(
+        server_ssl_context=pki.server_context(),
+        client_secret=client_secret,
+        redirect_uris=(REDIRECT_URI,),
+        mailbox=MAILBOX,
+    )
+    await entra.start()
+    exchange = SandboxExchange(
+        pki=pki, users={MAILBOX: password}, token_validator=entra.validate_access_token
+    )
     await exchange.start()
 
-    config = parse_daemon_config(
-        demo_config(directory, ca_file=pki.ca_file), base_dir=directory
-    )
+    raw_config = demo_config(directory, ca_file=pki.ca_file)
+    raw_config["oauth"] = {
+        "authority_host": entra.base_url,
+        "ca_file": str(pki.ca_file),
+    }
+    config = parse_daemon_config(raw_config, base_dir=directory)
     settings = MailSettings(
         auth_type="basic",
         email_type="smtp",
@@ -122,6 +141,7 @@ async def _run(directory: Path, started: float) -> int:
     port = app.inbound.port
     assert port is not None
     print(f"sandbox Exchange on 127.0.0.1:{exchange.port} (STARTTLS + AUTH)")
+    print(f"sandbox Entra ID on {entra.base_url} (HTTPS)")
     print(f"relay listening on 127.0.0.1:{port}\n")
 
     try:
@@ -164,21 +184,57 @@ async def _run(directory: Path, started: float) -> int:
         app.settings.save(settings)
         app.delivery.wake()
         await exchange.wait_for_messages(4, timeout=20)
+
+        print("5. the administrator switches to OAuth 2.0 and clicks Sign In")
+        app.settings.save(
+            dataclasses.replace(
+                settings,
+                auth_type="oauth",
+                password="",
+                tenant_id=entra.tenant_id,
+                client_id=entra.client_id,
+                client_secret=client_secret,
+                redirect_uri=REDIRECT_URI,
+            )
+        )
+        redirect = await _open_in_browser(await app.begin_sign_in(), pki.ca_file)
+        result = await app.complete_sign_in(redirect)
+        print(f"   {result.message}")
+        print("6. an alert relayed with AUTH XOAUTH2")
+        await asyncio.to_thread(
+            _send, port, _plain_message(), recipients=["ops@contoso.test"]
+        )
+        await exchange.wait_for_messages(5, timeout=20)
     finally:
         await app.stop()
         await exchange.stop()
+        await entra.stop()
 
     print("\nWhat the sandbox Exchange received:")
     for number, received in enumerate(exchange.messages, 1):
         subject = _subject(received.data)
         print(
             f"  {number}. from <{received.mail_from}> to {', '.join(received.rcpt_tos)}"
-            f" - {len(received.data)} bytes - {subject}"
+            f" - {len(received.data)} bytes - AUTH {received.auth_mechanism}"
+            f" - {subject}"
         )
     print("\nMail Server Logs:")
     print(format_log_table(read_log_rows(config.paths.database)))
     print(f"\nDemo finished in {time.monotonic() - started:.1f} s.")
     return 0
+
+
+async def _open_in_browser(url: str, ca_file: Path) -> str:
+    """What the administrator's browser does: follow the sign-in URL to the redirect."""
+    trust = ssl.create_default_context(cafile=str(ca_file))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(url, ssl=trust, allow_redirects=False) as response,
+    ):
+        location = response.headers.get("Location")
+    if location is None:
+        raise RuntimeError("the sandbox Entra did not redirect back")
+    return location
 
 
 def _subject(data: bytes) -> str:

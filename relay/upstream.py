@@ -8,15 +8,19 @@ one place (`translate_exception`) from aiosmtplib, ssl and socket exceptions.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import aiosmtplib
 
 from relay.config import MailSettings, TimeoutsConfig, TlsConfig
+from relay.dotstuffing import DotStuffer
 from relay.errors import (
     ConfigError,
     Disposition,
@@ -31,6 +35,8 @@ from relay.errors import (
 
 TokenProvider = Callable[[], Awaitable[str]]
 
+# Bytes of a message read and written at a time.
+_BLOCK_SIZE = 256 * 1024
 _TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
@@ -44,6 +50,10 @@ class DeliveryResult:
     # Recipients refused for now (4xx at RCPT): they stay pending.
     deferred: dict[str, SmtpReplyError] = field(default_factory=dict)
     reply: str = ""
+    # Recipients not offered in this transaction, because the server answered
+    # "too many recipients" (452 4.5.3) or the transaction was full: they go in
+    # the next transaction, at once.
+    unsent: tuple[str, ...] = ()
 
 
 def build_tls_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -178,33 +188,45 @@ class UpstreamSession:
         *,
         mail_from: str,
         recipients: Sequence[str],
-        body: bytes,
+        body: bytes | BinaryIO,
         smtputf8: bool,
         body_8bit: bool,
+        max_recipients: int | None = None,
+        rewrite_head: Callable[[bytes], bytes] | None = None,
     ) -> DeliveryResult:
-        """Send one message; refused recipients come back in the result."""
+        """Send one transaction; refused and unsent recipients come back in the result.
+
+        `body` is the message, or a file holding it, read in blocks so that a big
+        one is never all in memory. At most `max_recipients` are offered; the
+        rest, and those the server has no room for, come back as `unsent`.
+        `rewrite_head` may change the message's first block (its header).
+        """
         if self._smtp is None or not self.usable:
             raise UpstreamConnectionError("the upstream session is not open")
         smtp = self._smtp
-
-        mail_options = [f"SIZE={len(body)}"]
-        if smtputf8 and smtp.supports_extension("smtputf8"):
-            mail_options.append("SMTPUTF8")
-        if body_8bit and smtp.supports_extension("8bitmime"):
-            mail_options.append("BODY=8BITMIME")
-        address_encoding = "utf-8" if smtputf8 else "ascii"
 
         # Until the transaction ends cleanly, the connection is not to be reused.
         self._in_sync = False
         stage = Stage.MAIL
         try:
+            source = await _MessageSource.open(body, rewrite_head=rewrite_head)
+            mail_options = [f"SIZE={source.size}"]
+            if smtputf8 and smtp.supports_extension("smtputf8"):
+                mail_options.append("SMTPUTF8")
+            if body_8bit and smtp.supports_extension("8bitmime"):
+                mail_options.append("BODY=8BITMIME")
+            address_encoding = "utf-8" if smtputf8 else "ascii"
             await self._mail(smtp, mail_from, mail_options, address_encoding)
 
             stage = Stage.RCPT
+            offered = list(
+                recipients[:max_recipients] if max_recipients else recipients
+            )
+            unsent = list(recipients[len(offered) :])
             accepted: list[str] = []
             refused: dict[str, SmtpReplyError] = {}
             deferred: dict[str, SmtpReplyError] = {}
-            for recipient in recipients:
+            for position, recipient in enumerate(offered):
                 response = await smtp.execute_command(
                     b"RCPT", b"TO:<" + recipient.encode(address_encoding) + b">"
                 )
@@ -217,6 +239,10 @@ class UpstreamSession:
                     stage=Stage.RCPT,
                     recipient=recipient,
                 )
+                if _transaction_full(error) and accepted:
+                    # RFC 5321 section 4.5.3.1.10: the rest go in a new transaction.
+                    unsent[:0] = offered[position:]
+                    break
                 if error.disposition is Disposition.FAIL_RECIPIENT:
                     refused[recipient] = error
                 elif error.disposition is Disposition.DEFER:
@@ -226,10 +252,15 @@ class UpstreamSession:
 
             if not accepted:
                 await self._reset(smtp)
-                return DeliveryResult(accepted=(), refused=refused, deferred=deferred)
+                return DeliveryResult(
+                    accepted=(),
+                    refused=refused,
+                    deferred=deferred,
+                    unsent=tuple(unsent),
+                )
 
             stage = Stage.DATA
-            response = await smtp.data(body, timeout=self._timeouts.data)
+            response = await self._data(smtp, source)
         except SmtpReplyError as error:
             if error.reply_code != 421:
                 await self._reset(smtp)
@@ -249,7 +280,35 @@ class UpstreamSession:
             refused=refused,
             deferred=deferred,
             reply=f"{response.code} {response.message}",
+            unsent=tuple(unsent),
         )
+
+    async def _data(
+        self, smtp: aiosmtplib.SMTP, source: _MessageSource
+    ) -> aiosmtplib.SMTPResponse:
+        """DATA with the message sent in blocks, each once the last has left.
+
+        aiosmtplib's data() copies the whole message three times and hands it to
+        the socket in one piece; a 30 MB attachment would cost 120 MB here.
+        """
+        response = await smtp.execute_command(b"DATA")
+        if response.code != 354:
+            raise SmtpReplyError(response.code, response.message, stage=Stage.DATA)
+        protocol = smtp.protocol
+        if protocol is None:
+            raise UpstreamConnectionError("the upstream session closed before DATA")
+
+        stuffer = DotStuffer()
+        async with asyncio.timeout(self._timeouts.data):
+            async for block in source.blocks():
+                protocol.write(stuffer.stuff(block))
+                # The protocol's flow control, as StreamWriter.drain() uses it.
+                await protocol._drain_helper()
+            protocol.write(stuffer.finish())
+            response = await protocol.read_response()
+        if response.code != 250:
+            raise SmtpReplyError(response.code, response.message, stage=Stage.DATA)
+        return response
 
     async def _mail(
         self,
@@ -314,6 +373,59 @@ def _refused_token(exc: aiosmtplib.SMTPAuthenticationError) -> SmtpReplyError:
             " sign in again"
         )
     return error
+
+
+class _MessageSource:
+    """A message to send, from memory or from its spool file, in blocks."""
+
+    def __init__(self, head: bytes, rest: bytes | BinaryIO, *, size: int) -> None:
+        self._head = head
+        self._rest = rest
+        self.size = size
+
+    @classmethod
+    async def open(
+        cls,
+        body: bytes | BinaryIO,
+        *,
+        rewrite_head: Callable[[bytes], bytes] | None,
+    ) -> _MessageSource:
+        """Read the first block (rewritten if asked) and learn the size to declare."""
+        rest: bytes | BinaryIO
+        if isinstance(body, bytes):
+            head, rest, size = body[:_BLOCK_SIZE], body[_BLOCK_SIZE:], len(body)
+        else:
+            head, size = await asyncio.to_thread(_read_head, body)
+            rest = body
+        if rewrite_head is not None:
+            rewritten = rewrite_head(head)
+            size += len(rewritten) - len(head)
+            head = rewritten
+        return cls(head, rest, size=size)
+
+    async def blocks(self) -> AsyncIterator[bytes]:
+        """The message's bytes, the first block first."""
+        yield self._head
+        if isinstance(self._rest, bytes):
+            view = memoryview(self._rest)
+            for start in range(0, len(view), _BLOCK_SIZE):
+                yield bytes(view[start : start + _BLOCK_SIZE])
+            return
+        while block := await asyncio.to_thread(self._rest.read, _BLOCK_SIZE):
+            yield block
+
+
+def _read_head(file: BinaryIO) -> tuple[bytes, int]:
+    # Each transaction of a split message reads the file from its start again.
+    file.seek(0)
+    return file.read(_BLOCK_SIZE), os.fstat(file.fileno()).st_size
+
+
+def _transaction_full(error: SmtpReplyError) -> bool:
+    """Whether a RCPT reply says this transaction takes no more recipients."""
+    if error.enhanced_code == "4.5.3":
+        return True
+    return error.reply_code == 452 and "too many recipients" in error.reply_text.lower()
 
 
 def translate_exception(

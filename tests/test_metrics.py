@@ -4,19 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 
 import aiohttp
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.errors import SmtpReplyError, Stage
 from relay.metrics import PREFIX, RelayMetrics
+from relay.sandbox.certs import SandboxPKI
+from relay.sandbox.entra import SandboxEntra
 from relay.sandbox.exchange import SandboxExchange
 from tests.conftest import (
+    MAILBOX,
     RelayFactory,
     RunningRelay,
     basic_settings,
     send_mail_async,
+)
+from tests.test_oauth_relay import (
+    CLIENT_SECRET,
+    REDIRECT_URI,
+    oauth_overrides,
+    oauth_settings,
+    sign_in,
 )
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -130,6 +142,47 @@ async def test_metrics_upstream_latency_is_a_histogram(
         value(samples, "upstream_duration_seconds_bucket", step="send", le="0.25"),
         value(samples, "upstream_duration_seconds_bucket", step="send", le="0.5"),
     ) == (0.0, 1.0)
+
+
+@pytest.fixture
+async def sandbox_entra(pki: SandboxPKI) -> AsyncIterator[SandboxEntra]:
+    server = SandboxEntra(
+        server_ssl_context=pki.server_context(),
+        client_secret=CLIENT_SECRET,
+        redirect_uris=(REDIRECT_URI,),
+        mailbox=MAILBOX,
+    )
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def test_metrics_token_expiry_after_an_oauth_sign_in(
+    sandbox_entra: SandboxEntra, pki: SandboxPKI, start_relay: RelayFactory
+) -> None:
+    validator = sandbox_entra.validate_access_token
+    async with SandboxExchange(pki=pki, token_validator=validator) as exchange:
+        relay = await start_relay(
+            oauth_settings(exchange, sandbox_entra),
+            overrides=oauth_overrides(sandbox_entra, pki),
+        )
+        await sign_in(relay, pki)
+        await send_mail_async(relay.port)
+        await exchange.wait_for_messages(1, timeout=15)
+        remaining = value(await scrape(relay), "oauth_token_expires_in_seconds")
+
+    lifetime = sandbox_entra.access_token_lifetime
+    assert lifetime - 60 < remaining <= lifetime
+
+
+async def test_metrics_token_expiry_is_absent_with_basic_auth(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(basic_settings(exchange.port))
+    samples = await scrape(relay)
+    assert ("epp_mail_relay_oauth_token_expires_in_seconds", ()) not in samples
 
 
 def test_metrics_token_expiry_gauge_follows_the_hook() -> None:
