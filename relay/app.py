@@ -106,9 +106,12 @@ class RelayApp:
         self.passthrough = passthrough
         authenticator = None
         if config.listen.auth_credentials_file is not None:
-            authenticator = make_authenticator(
-                load_inbound_credentials(config.listen.auth_credentials_file)
-            )
+            credentials = load_inbound_credentials(config.listen.auth_credentials_file)
+            # Clients get AUTH wrong (a password typed as the user name, a raw
+            # password instead of base64), and such lines are logged.
+            for password in credentials.values():
+                REDACTOR.add(password)
+            authenticator = make_authenticator(credentials)
         self.inbound = InboundServer(
             config=config.listen,
             sink=ModeSwitchingSink(

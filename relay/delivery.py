@@ -11,28 +11,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import ssl
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import structlog
 
 from relay.config import DaemonConfig, MailSettings, SettingsStore
 from relay.errors import (
     Disposition,
+    LimitReachedError,
     RelayError,
     SmtpReplyError,
     UpstreamConnectionError,
     UpstreamError,
 )
 from relay.inbound import MessageSink
+from relay.limits import LimitsRegistry, MailboxLimiter
 from relay.metrics import RelayMetrics
+from relay.sendas import envelope_sender, rewrite_from_header
 from relay.spool import MessageState, QueuedMessage, Spool
-from relay.upstream import DeliveryResult, TokenProvider, UpstreamSession
+from relay.upstream import TokenProvider, UpstreamSession
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +45,12 @@ log = structlog.get_logger(__name__)
 IDLE_SESSION_SECONDS = 30.0
 # At shutdown, messages being sent get this long to finish before they are cut off.
 STOP_GRACE_SECONDS = 10.0
+# How often an idle worker looks whether its session should close.
+IDLE_CHECK_SECONDS = 1.0
+# Bodies up to this size are read whole; bigger ones are sent from their file.
+READ_WHOLE_BODY_BYTES = 256 * 1024
+# The recipient budget's state file, in the spool directory.
+RECIPIENT_BUDGET_FILE = "recipient-budget.json"
 
 
 class ErrorRecorder(Protocol):
@@ -86,8 +97,22 @@ class DeliveryService:
         self._clock = clock
         self._wake = asyncio.Event()
         self._queue: asyncio.Queue[QueuedMessage] = asyncio.Queue()
-        self._idle_workers = config.delivery.concurrency
+        # More workers than the mailbox has sessions would only wait for a slot.
+        self._worker_count = min(
+            config.delivery.concurrency, config.limits.max_sessions
+        )
+        self._idle_workers = self._worker_count
+        self.limits = LimitsRegistry(
+            config.limits,
+            state_file=spool.directory / RECIPIENT_BUDGET_FILE,
+            clock=clock,
+        )
+        # The mailbox whose session slot each open session holds.
+        self._session_slots: dict[UpstreamSession, MailboxLimiter] = {}
         self._in_flight: dict[str, QueuedMessage] = {}
+        # Messages the spool refused to defer (a full disk): still SENDING on
+        # disk, so nothing would claim them again before a restart.
+        self._stranded: dict[str, QueuedMessage] = {}
         self._settings_version = settings.version
         self.held = False
         self.hold_reason: RelayError | None = None
@@ -125,7 +150,7 @@ class DeliveryService:
             log.error("delivery_start_failed", error=error.message)
         workers = [
             asyncio.create_task(self._worker(), name=f"delivery-worker-{number}")
-            for number in range(self._config.delivery.concurrency)
+            for number in range(self._worker_count)
         ]
         try:
             while not stop.is_set():
@@ -149,8 +174,9 @@ class DeliveryService:
         # Cleared before looking, so a wake() that comes while we look is kept.
         self._wake.clear()
         await self._follow_settings()
+        await self._requeue_stranded()
         free = self._idle_workers - self._queue.qsize()
-        if self.held or free <= 0:
+        if self.held or free <= 0 or self._mailbox_blocked_until():
             return
         for message in await self._spool.claim_due(limit=free):
             self._queue.put_nowait(message)
@@ -197,10 +223,17 @@ class DeliveryService:
         no_worker_free = self._idle_workers - self._queue.qsize() <= 0
         if self.held or no_worker_free:
             return poll
+        blocked_until = self._mailbox_blocked_until()
+        if blocked_until:
+            return max(0.0, min(poll, blocked_until - self._clock()))
         next_due = await self._spool.next_due_at()
         if next_due is None:
             return poll
         return max(0.0, min(poll, next_due - self._clock()))
+
+    def _mailbox_blocked_until(self) -> float:
+        """Until when the current mailbox may not send (a pause or no budget); 0."""
+        return self.limits.for_mailbox(self._settings.current.username).blocked_until()
 
     async def _sleep(self, stop: asyncio.Event, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -216,15 +249,19 @@ class DeliveryService:
 
     async def _worker(self) -> None:
         session: UpstreamSession | None = None
+        idle_since = time.monotonic()
         try:
             while True:
                 try:
                     message = await asyncio.wait_for(
-                        self._queue.get(), timeout=IDLE_SESSION_SECONDS
+                        self._queue.get(), timeout=IDLE_CHECK_SECONDS
                     )
                 except TimeoutError:
-                    await _close_session(session)
-                    session = None
+                    if session is not None and self._should_close_idle(
+                        session, idle_since
+                    ):
+                        await self._end_session(session)
+                        session = None
                     continue
                 self._idle_workers -= 1
                 self._in_flight[message.queue_id] = message
@@ -235,9 +272,43 @@ class DeliveryService:
                 finally:
                     self._in_flight.pop(message.queue_id, None)
                     self._idle_workers += 1
+                    idle_since = time.monotonic()
                     self.wake()
         finally:
-            await _close_session(session)
+            await self._end_session(session)
+
+    def _should_close_idle(self, session: UpstreamSession, idle_since: float) -> bool:
+        """Close a session idle too long, or whose slot someone else waits for."""
+        if time.monotonic() - idle_since >= IDLE_SESSION_SECONDS:
+            return True
+        limiter = self._session_slots.get(session)
+        return limiter is not None and limiter.sessions_wanted
+
+    async def _start_session(
+        self, settings: MailSettings, limiter: MailboxLimiter
+    ) -> UpstreamSession:
+        """Open a session within the mailbox's session limit; raises a RelayError."""
+        await limiter.acquire_session()
+        session = self._new_session(settings)
+        self._session_slots[session] = limiter
+        try:
+            with self._metrics.time_upstream("open"):
+                await session.open()
+        except BaseException:
+            await self._end_session(session)
+            raise
+        return session
+
+    async def _end_session(self, session: UpstreamSession | None) -> None:
+        """Close a session and give its mailbox slot back."""
+        if session is None:
+            return
+        try:
+            await session.close()
+        finally:
+            limiter = self._session_slots.pop(session, None)
+            if limiter is not None:
+                limiter.release_session()
 
     async def _recover_from_fault(self, message: QueuedMessage, exc: Exception) -> None:
         """A fault of our own (spool, bug) defers the message, never strands it."""
@@ -247,17 +318,40 @@ class DeliveryService:
             error_type=type(exc).__name__,
             error=str(exc),
         )
-        with contextlib.suppress(Exception):
+        try:
             await self._spool.defer(
                 message.queue_id,
                 next_attempt_at=self._clock() + self._config.retry.initial_delay,
                 error=f"internal error: {type(exc).__name__}",
             )
+        except Exception as defer_exc:
+            log.error(
+                "delivery_defer_failed",
+                queue_id=message.queue_id,
+                error_type=type(defer_exc).__name__,
+                error=str(defer_exc),
+            )
+            self._stranded[message.queue_id] = message
+
+    async def _requeue_stranded(self) -> None:
+        """Defer again the messages whose deferral failed, once the spool takes it."""
+        for queue_id, message in list(self._stranded.items()):
+            try:
+                await self._spool.defer(
+                    queue_id,
+                    next_attempt_at=self._clock(),
+                    error=message.last_error or "",
+                    count_attempt=False,
+                )
+            except Exception:
+                return  # the spool still refuses; the next look tries again
+            del self._stranded[queue_id]
 
     async def _deliver(
         self, message: QueuedMessage, session: UpstreamSession | None
     ) -> UpstreamSession | None:
         settings = self._settings.current
+        limiter = self.limits.for_mailbox(settings.username)
         started = time.monotonic()
         if self.held:
             await self._spool.hold(message.queue_id, error=message.last_error or "held")
@@ -267,40 +361,112 @@ class DeliveryService:
             or not session.usable
             or session.age() > self._config.delivery.connection_reuse_seconds
         ):
-            await _close_session(session)
+            await self._end_session(session)
             session = None
 
-        body = await self._spool.read_body(message.queue_id)
+        outcome = _Outcome(unsent=list(message.recipients))
+        body = await self._open_body(message)
+        try:
+            session = await self._send_transactions(
+                message, body, session, settings, limiter, outcome
+            )
+        finally:
+            if not isinstance(body, bytes):
+                body.close()
+        await self._settle(message, outcome, settings, limiter, started=started)
+        return session
+
+    async def _open_body(self, message: QueuedMessage) -> bytes | BinaryIO:
+        if message.size <= READ_WHOLE_BODY_BYTES:
+            return await self._spool.read_body(message.queue_id)
+        return await self._spool.open_body(message.queue_id)
+
+    async def _send_transactions(
+        self,
+        message: QueuedMessage,
+        body: bytes | BinaryIO,
+        session: UpstreamSession | None,
+        settings: MailSettings,
+        limiter: MailboxLimiter,
+        outcome: _Outcome,
+    ) -> UpstreamSession | None:
+        """Send transactions until every recipient is done, or something stops it.
+
+        More recipients than a transaction takes go in the next transaction on
+        the same session at once, each recipient exactly once. Each transaction
+        waits its turn in the mailbox's pace and spends from its recipient budget.
+        """
+        mail_from, rewrite_head = self._sender_for(message, settings)
+        limits = self._config.limits
         # A reused connection may have been dropped by the server while idle
         # (Exchange does): that costs one fresh connection, not a failure.
-        attempts_left = 2 if session is not None else 1
-        while True:
-            attempts_left -= 1
+        reconnects_left = 1 if session is not None else 0
+        while outcome.unsent:
+            allowed = limiter.recipients_available()
+            if allowed <= 0:
+                outcome.budget_spent = True
+                return session
+            batch, held_back = outcome.unsent[:allowed], outcome.unsent[allowed:]
+            await limiter.wait_until_resumed()
+            await limiter.pace.acquire()
             try:
                 if session is None:
-                    session = self._new_session(settings)
-                    with self._metrics.time_upstream("open"):
-                        await session.open()
+                    session = await self._start_session(settings, limiter)
                 with self._metrics.time_upstream("send"):
                     result = await session.send(
-                        mail_from=message.mail_from,
-                        recipients=message.recipients,
+                        mail_from=mail_from,
+                        recipients=batch,
                         body=body,
                         smtputf8=message.smtputf8,
                         body_8bit=message.body_8bit,
+                        max_recipients=limits.max_recipients_per_message,
+                        rewrite_head=rewrite_head,
                     )
-                break
             except RelayError as error:
                 if session is not None and not session.usable:
-                    await _close_session(session)
+                    await self._end_session(session)
                     session = None
-                if attempts_left > 0 and isinstance(error, UpstreamConnectionError):
+                nothing_sent = not outcome.accepted
+                if (
+                    reconnects_left > 0
+                    and nothing_sent
+                    and isinstance(error, UpstreamConnectionError)
+                ):
+                    reconnects_left -= 1
                     continue
-                await self._handle_failure(message, error, settings)
+                outcome.error = error
                 return session
+            finally:
+                limiter.pace.release()
 
-        await self._handle_result(message, result, settings, started=started)
+            reconnects_left = 0
+            limiter.spend_recipients(len(result.accepted))
+            if result.accepted:
+                limiter.succeeded()
+            outcome.accepted += result.accepted
+            outcome.refused |= result.refused
+            outcome.deferred |= result.deferred
+            outcome.reply = result.reply or outcome.reply
+            outcome.transactions += 1 if result.accepted else 0
+            outcome.unsent = list(result.unsent) + held_back
+            if not result.accepted:
+                # No progress in this transaction: the rest waits for a retry.
+                return session
         return session
+
+    def _sender_for(
+        self, message: QueuedMessage, settings: MailSettings
+    ) -> tuple[str, Callable[[bytes], bytes] | None]:
+        """The envelope sender and header rewrite that Send As asks for."""
+        send_as = self._config.send_as
+        if not (send_as.rewrite_sender or send_as.rewrite_from_header):
+            return message.mail_from, None
+        mailbox = settings.username
+        # The From: header alone would not do: Exchange checks MAIL FROM first.
+        mail_from = envelope_sender(message.mail_from, mailbox=mailbox)
+        if not send_as.rewrite_from_header:
+            return mail_from, None
+        return mail_from, functools.partial(rewrite_from_header, mailbox=mailbox)
 
     def _new_session(self, settings: MailSettings) -> UpstreamSession:
         return UpstreamSession(
@@ -311,51 +477,107 @@ class DeliveryService:
             token_provider=self._token_provider,
         )
 
-    async def _handle_result(
+    async def _settle(
         self,
         message: QueuedMessage,
-        result: DeliveryResult,
+        outcome: _Outcome,
         settings: MailSettings,
+        limiter: MailboxLimiter,
         *,
         started: float,
     ) -> None:
-        failed = {
-            recipient: error.message for recipient, error in result.refused.items()
-        }
-        remaining = await self._spool.record_attempt(
-            message.queue_id, delivered=result.accepted, failed=failed
-        )
-        if result.accepted:
-            self._metrics.messages_delivered.inc()
-        if remaining is not None and remaining.state is MessageState.FAILED:
-            self._metrics.messages_failed.inc()
-        for recipient, error in result.refused.items():
-            await self._record(error, settings, message.queue_id, recipient=recipient)
+        """Record what the transactions achieved; put off or fail what is left."""
+        remaining: QueuedMessage | None = message
+        if outcome.accepted or outcome.refused:
+            failed = {
+                recipient: error.message for recipient, error in outcome.refused.items()
+            }
+            remaining = await self._spool.record_attempt(
+                message.queue_id, delivered=outcome.accepted, failed=failed
+            )
+            if outcome.accepted:
+                self._metrics.messages_delivered.inc()
+            if remaining is not None and remaining.state is MessageState.FAILED:
+                self._metrics.messages_failed.inc()
+            for recipient, error in outcome.refused.items():
+                await self._record(
+                    error, settings, message.queue_id, recipient=recipient
+                )
 
         if remaining is not None and remaining.recipients:
-            # Recipients the server put off (4xx) wait for the next try; any other
-            # leftover is a recipient it never answered for, tried again the same way.
-            pending_error: RelayError = next(
-                iter(result.deferred.values()),
-                UpstreamError(
-                    "The upstream server did not accept every recipient",
-                    disposition=Disposition.DEFER,
-                ),
-            )
-            await self._defer(remaining, pending_error, settings)
+            await self._put_off(remaining, outcome, settings, limiter)
 
-        self.delivered_count += len(result.accepted)
+        self.delivered_count += len(outcome.accepted)
         log.info(
             "message_relayed",
             queue_id=message.queue_id,
             size=message.size,
             recipients=len(message.recipients),
-            delivered=len(result.accepted),
-            refused=len(result.refused),
-            deferred=len(result.deferred),
-            upstream_reply=result.reply,
+            delivered=len(outcome.accepted),
+            refused=len(outcome.refused),
+            deferred=len(outcome.deferred),
+            transactions=outcome.transactions,
+            upstream_reply=outcome.reply,
             duration_ms=round((time.monotonic() - started) * 1000, 1),
         )
+
+    async def _put_off(
+        self,
+        message: QueuedMessage,
+        outcome: _Outcome,
+        settings: MailSettings,
+        limiter: MailboxLimiter,
+    ) -> None:
+        """Decide the fate of recipients still pending after this delivery."""
+        error = outcome.error
+        if error is not None and error.disposition is Disposition.THROTTLE:
+            await self._pause(message, error, settings, until=limiter.throttled())
+            return
+        if error is not None:
+            await self._handle_failure(message, error, settings)
+            return
+        if outcome.budget_spent:
+            until = limiter.budget.frees_at(limiter.mailbox)
+            budget = LimitReachedError.recipient_budget(
+                mailbox=limiter.mailbox, limit=limiter.budget.limit, until=until
+            )
+            # One row per time the budget runs out, not one per message waiting.
+            report = not limiter.budget_reported
+            limiter.budget_reported = True
+            await self._pause(message, budget, settings, until=until, report=report)
+            return
+        # Recipients the server put off (4xx) wait for the next try; any other
+        # leftover is a recipient it never answered for, tried again the same way.
+        pending_error: RelayError = next(
+            iter(outcome.deferred.values()),
+            UpstreamError(
+                "The upstream server did not accept every recipient",
+                disposition=Disposition.DEFER,
+            ),
+        )
+        await self._defer(message, pending_error, settings)
+
+    async def _pause(
+        self,
+        message: QueuedMessage,
+        error: RelayError,
+        settings: MailSettings,
+        *,
+        until: float,
+        report: bool = True,
+    ) -> None:
+        """Wait out a limit of the mailbox: no attempt counted, no life spent."""
+        self.last_error = error
+        await self._spool.defer(
+            message.queue_id,
+            next_attempt_at=until,
+            error=error.message,
+            count_attempt=False,
+            paused=True,
+        )
+        self._metrics.messages_deferred.inc()
+        if report:
+            await self._record(error, settings, message.queue_id)
 
     async def _handle_failure(
         self, message: QueuedMessage, error: RelayError, settings: MailSettings
@@ -390,7 +612,8 @@ class DeliveryService:
     ) -> None:
         retry = self._config.retry
         now = self._clock()
-        if now - message.queued_at >= retry.give_up_after:
+        # Time spent waiting out the mailbox's limits is not the message's fault.
+        if now - message.queued_at - message.paused_seconds >= retry.give_up_after:
             days = retry.give_up_after / 86400
             gave_up = UpstreamError(
                 f"Gave up after {days:g} days of retrying; last error: {error.message}",
@@ -434,10 +657,18 @@ class DeliveryService:
         )
 
 
-async def _close_session(session: UpstreamSession | None) -> None:
-    if session is not None:
-        await session.close()
-    return None
+@dataclass
+class _Outcome:
+    """What the transactions of one delivery achieved, and why they stopped."""
+
+    unsent: list[str]
+    accepted: list[str] = field(default_factory=list)
+    refused: dict[str, SmtpReplyError] = field(default_factory=dict)
+    deferred: dict[str, SmtpReplyError] = field(default_factory=dict)
+    reply: str = ""
+    transactions: int = 0
+    error: RelayError | None = None
+    budget_spent: bool = False
 
 
 class SpoolingSink(MessageSink):

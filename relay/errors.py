@@ -15,6 +15,7 @@ the administrator's language, and a disposition that tells delivery what to do.
     ├── OAuthError                                            category oauth
     │   └── TokenEndpointUnavailable      + ConnectionError   category dns / timeout
     ├── ConfigError                       + ValueError        category config
+    ├── LimitReachedError                                     category limit
     └── SpoolError                        + OSError           category spool
         └── SpoolFullError
 
@@ -24,6 +25,7 @@ constructors take only what an administrator may see.
 
 from __future__ import annotations
 
+import datetime
 import enum
 import re
 from dataclasses import dataclass
@@ -223,6 +225,24 @@ class ConfigError(RelayError, ValueError):
         super().__init__(f"{key}: {problem}", code=key)
         self.key = key
         self.problem = problem
+
+
+class LimitReachedError(RelayError):
+    """A sending limit of the mailbox holds its mail until the limit frees up."""
+
+    category = Category.LIMIT
+    disposition = Disposition.THROTTLE
+
+    @classmethod
+    def recipient_budget(
+        cls, *, mailbox: str, limit: int, until: float
+    ) -> LimitReachedError:
+        stamp = datetime.datetime.fromtimestamp(until, datetime.UTC)
+        return cls(
+            f"The daily limit of {limit:,} recipients for {mailbox} is reached; "
+            f"mail is held, not bounced, until about {stamp:%Y-%m-%d %H:%M} UTC",
+            code="recipient_budget",
+        )
 
 
 class SpoolError(RelayError, OSError):

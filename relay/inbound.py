@@ -42,6 +42,8 @@ _ENHANCED_BY_REPLY = {
     "421": "4.3.0",
     "451": "4.3.0",
     "452": "4.3.1",
+    # aiosmtpd answers STARTTLS with a bare 454: the listener has no TLS.
+    "454": "4.7.0",
     "500": "5.5.2",
     "501": "5.5.4",
     "502": "5.5.1",

@@ -60,7 +60,9 @@ def rewrite_from_header(head: bytes, *, mailbox: str) -> bytes:
         if index != from_index:
             rewritten.append(field)
             continue
-        rewritten.append(b"From: " + new_from.encode("utf-8", "surrogateescape"))
+        rewritten.append(
+            b"From: " + new_from.encode("utf-8", "surrogateescape") + b"\r\n"
+        )
         if b"reply-to" not in names:
             rewritten.append(b"Reply-To:" + value)
     return b"".join(rewritten) + head[end + 2 :]

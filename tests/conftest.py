@@ -60,6 +60,9 @@ def relay_config_dict(
         "timeouts": {"connect": 5.0, "command": 5.0, "data": 30.0},
         "tls": {"ca_file": str(ca_file)},
         "delivery": {"poll_interval": 0.1},
+        # Exchange's pace (30 a minute) would make every multi-message test
+        # wait; tests of pacing itself set their own.
+        "limits": {"messages_per_minute": 6000},
         "logs": {"syslog": False},
         # Port 0: every relay in a test run gets its own free admin port.
         "admin": {"port": 0, "token_file": str(directory / "admin-token")},

@@ -110,7 +110,9 @@ def write_daemon_files(
     raw["listen"]["port"] = port
     config_path = directory / "relay.toml"
     config_path.write_text(toml_text(raw))
-    write_mail_settings(Path(raw["paths"]["settings_file"]), basic_settings(exchange_port))
+    write_mail_settings(
+        Path(raw["paths"]["settings_file"]), basic_settings(exchange_port)
+    )
     return config_path, port
 
 
@@ -165,7 +167,8 @@ class DaemonProcess:
                 return time.monotonic() - started
             time.sleep(0.02)
         raise AssertionError(
-            "the daemon did not start: " + self.output.read_text(errors="replace")[-3000:]
+            "the daemon did not start: "
+            + self.output.read_text(errors="replace")[-3000:]
         )
 
     async def start(self, *, timeout: float = 20.0) -> float:
