@@ -176,7 +176,10 @@ class DeliveryService:
         await self._follow_settings()
         await self._requeue_stranded()
         free = self._idle_workers - self._queue.qsize()
-        if self.held or free <= 0 or self._mailbox_blocked_until():
+        if self.held or free <= 0:
+            return
+        if self._mailbox_blocked_until():
+            await self._report_spent_budget()
             return
         for message in await self._spool.claim_due(limit=free):
             self._queue.put_nowait(message)
@@ -230,6 +233,27 @@ class DeliveryService:
         if next_due is None:
             return poll
         return max(0.0, min(poll, next_due - self._clock()))
+
+    async def _report_spent_budget(self) -> None:
+        """Say once that mail waits for the recipient budget, even if none was tried.
+
+        After a restart with the day's budget spent, nothing is claimed, so no
+        delivery would ever tell the administrator why the queue does not move.
+        """
+        settings = self._settings.current
+        limiter = self.limits.for_mailbox(settings.username)
+        if limiter.budget_reported or limiter.recipients_available() > 0:
+            return
+        next_due = await self._spool.next_due_at()
+        if next_due is None or next_due > self._clock():
+            return
+        limiter.budget_reported = True
+        error = LimitReachedError.recipient_budget(
+            mailbox=limiter.mailbox,
+            limit=limiter.budget.limit,
+            until=limiter.budget.frees_at(limiter.mailbox),
+        )
+        await self._record(error, settings, None)
 
     def _mailbox_blocked_until(self) -> float:
         """Until when the current mailbox may not send (a pause or no budget); 0."""

@@ -450,6 +450,13 @@ def translate_exception(
             reason = cause.reason or type(cause).__name__
             return UpstreamTlsError(f"TLS handshake failed - {reason.lower()}")
 
+    if stage is Stage.STARTTLS and isinstance(exc, aiosmtplib.SMTPResponseException):
+        # A refused STARTTLS is a TLS failure like a failed handshake: the mail
+        # waits, and a stripping attacker in the path cannot hold the queue.
+        reply = " ".join(f"{exc.code} {exc.message}".split())
+        return UpstreamTlsError(
+            f"TLS handshake failed - the server refused STARTTLS: {reply}"
+        )
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
             stage = Stage.AUTH
