@@ -12,7 +12,7 @@ import contextlib
 import errno
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import structlog
@@ -20,6 +20,7 @@ import structlog
 from relay.admin import AdminServer
 from relay.config import (
     DaemonConfig,
+    MailSettings,
     SettingsStore,
     apply_reloadable,
     load_daemon_config,
@@ -36,6 +37,7 @@ from relay.logsink import REDACTOR, LogSink
 from relay.metrics import RelayMetrics
 from relay.service import RelayStatus, SystemdNotifier
 from relay.spool import MessageState, Spool
+from relay.testmail import NoAdminEmailError, send_test_email, sent_text
 from relay.tokens import SignInResult, TokenSource
 from relay.upstream import build_tls_context
 
@@ -102,6 +104,8 @@ class RelayApp:
             recorder=recorder,
             tls_context=self.tls_context,
             token_provider=self._access_token,
+            # One mailbox, one set of limits, whichever mode sends.
+            limits=self.delivery.limits,
         )
         self.passthrough = passthrough
         authenticator = None
@@ -142,8 +146,19 @@ class RelayApp:
         self._recorder.record_error(error, settings=self.settings.current)
 
     async def begin_sign_in(self) -> str:
-        """The authorization URL the administrator opens to sign in (Sign In)."""
-        return await self.tokens.manager().begin_sign_in()
+        """The authorization URL the administrator opens to sign in (Sign In).
+
+        A failure (incomplete settings, an unknown tenant) is written as a row
+        and raised again.
+        """
+        settings = self.settings.current
+        try:
+            return await self.tokens.manager().begin_sign_in()
+        except RelayError as error:
+            await asyncio.to_thread(
+                self._recorder.record_error, error, settings=settings
+            )
+            raise
 
     async def complete_sign_in(self, redirect: str | Mapping[str, str]) -> SignInResult:
         """Finish a sign-in from its redirect; a held queue goes on at once.
@@ -159,6 +174,49 @@ class RelayApp:
                 self._recorder.record_error, error, settings=settings
             )
             raise
+        return await self._signed_in(result, settings)
+
+    async def sign_in_with_device_code(
+        self, *, on_prompt: Callable[[str], None]
+    ) -> SignInResult:
+        """Sign in with a device code (`on_prompt` gets Microsoft's instructions).
+
+        Rows and the released hold as for `complete_sign_in`.
+        """
+        settings = self.settings.current
+        try:
+            result = await self.tokens.manager().sign_in_device_code(
+                on_prompt=on_prompt
+            )
+        except RelayError as error:
+            await asyncio.to_thread(
+                self._recorder.record_error, error, settings=settings
+            )
+            raise
+        return await self._signed_in(result, settings)
+
+    async def sign_in_with_client_credentials(self) -> SignInResult:
+        """Check that the app's own credentials get a token (no user signs in).
+
+        Rows and the released hold as for `complete_sign_in`.
+        """
+        settings = self.settings.current
+        try:
+            await self._access_token()
+        except RelayError as error:
+            await asyncio.to_thread(
+                self._recorder.record_error, error, settings=settings
+            )
+            raise
+        result = SignInResult(
+            mailbox=settings.username, matches_configured_username=True
+        )
+        return await self._signed_in(result, settings)
+
+    async def _signed_in(
+        self, result: SignInResult, settings: MailSettings
+    ) -> SignInResult:
+        """A sign-in worked: mask the new tokens, write the row, release the hold."""
         for secret in self.tokens.manager().secrets():
             REDACTOR.add(secret)
         message = result.message
@@ -182,6 +240,49 @@ class RelayApp:
         )
         await self.delivery.release_hold()
         return result
+
+    async def save_settings(self, settings: MailSettings) -> None:
+        """Put new Mail Settings in effect (the admin page's Save), no restart.
+
+        Delivery sees the new version at once; new settings release a held
+        queue, because they may be the fix.
+        """
+        await asyncio.to_thread(self.settings.save, settings)
+        self._register_secrets()
+        self.delivery.wake()
+
+    async def send_test_email(self) -> str:
+        """Send the administrator's test e-mail now, outside the spool.
+
+        Returns the address it went to. Raises NoAdminEmailError, or the
+        RelayError of the failure after writing it as a row.
+        """
+        settings = self.settings.current
+        token_provider = self._access_token if settings.auth_type == "oauth" else None
+        try:
+            address = await send_test_email(
+                settings=settings,
+                timeouts=self.config.timeouts,
+                tls_context=self.tls_context,
+                local_hostname=self.config.listen.hostname,
+                token_provider=token_provider,
+            )
+        except NoAdminEmailError:
+            raise
+        except RelayError as error:
+            await asyncio.to_thread(
+                self._recorder.record_error, error, settings=settings
+            )
+            raise
+        await asyncio.to_thread(
+            self.sink.record_event,
+            auth_type=settings.auth_type,
+            status="success",
+            message=sent_text(address),
+            settings=settings,
+            category="smtp",
+        )
+        return address
 
     def _register_secrets(self) -> None:
         current = self.settings.current

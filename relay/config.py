@@ -341,6 +341,11 @@ def _validate_daemon_config(config: DaemonConfig) -> None:
         raise ConfigError("listen.max_message_size", "must be at least 1024 bytes")
     if listen.max_recipients < 1:
         raise ConfigError("listen.max_recipients", "must be at least 1")
+    if listen.auth_required and listen.auth_credentials_file is None:
+        # Without credentials nobody can authenticate: every MAIL would get 530.
+        raise ConfigError(
+            "listen.auth_required", "needs listen.auth_credentials_file to be set"
+        )
     if config.paths.spool_min_free_bytes < 0:
         raise ConfigError("paths.spool_min_free_bytes", "must not be negative")
     if config.tls.minimum_version not in ("1.2", "1.3"):
@@ -469,6 +474,10 @@ def parse_mail_settings(raw: Mapping[str, Any]) -> MailSettings:
             raise ConfigError(key, "is too long (2048 characters at most)")
         elif any(ch in value for ch in "\r\n\x00"):
             raise ConfigError(key, "must not contain line breaks or NUL characters")
+        elif key not in SECRET_FIELDS and any(
+            ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value
+        ):
+            raise ConfigError(key, "must not contain control characters")
         values[key] = (
             value.strip()
             if isinstance(value, str) and key not in SECRET_FIELDS
@@ -500,11 +509,15 @@ def _validate_mail_settings(settings: MailSettings) -> None:
         raise ConfigError("port", "must be between 1 and 65535")
     if settings.hostname and not _looks_like_hostname(settings.hostname):
         raise ConfigError("hostname", "is not a valid host name")
-    if settings.auth_type == "oauth":
-        if settings.email_type != "smtp":
-            raise ConfigError("email_type", 'must be "smtp" for OAuth')
-        if settings.redirect_uri:
-            _validate_redirect_uri(settings.redirect_uri)
+    if settings.admin_email and not _looks_like_address(settings.admin_email):
+        raise ConfigError("admin_email", "is not an e-mail address")
+    # The tenant becomes a path segment of the authority URL.
+    if any(character in settings.tenant_id for character in "/?#%\\ \t"):
+        raise ConfigError("tenant_id", "must be a tenant ID (GUID) or domain name")
+    if settings.redirect_uri:
+        _validate_redirect_uri(settings.redirect_uri)
+    if settings.auth_type == "oauth" and settings.email_type != "smtp":
+        raise ConfigError("email_type", 'must be "smtp" for OAuth')
 
 
 def _looks_like_hostname(hostname: str) -> bool:
@@ -523,11 +536,32 @@ def _looks_like_hostname(hostname: str) -> bool:
     )
 
 
+def _looks_like_address(address: str) -> bool:
+    """A mailbox address as SMTP carries it: local@domain, no spaces or brackets."""
+    local, at, domain = address.rpartition("@")
+    return (
+        bool(at and local and domain)
+        and len(address) <= 254
+        and not any(ch.isspace() or ch in '<>()[],;:"' for ch in address)
+        and _looks_like_hostname(domain)
+    )
+
+
 def _validate_redirect_uri(uri: str) -> None:
     from urllib.parse import urlsplit
 
-    parts = urlsplit(uri)
-    host = parts.hostname or ""
+    try:
+        parts = urlsplit(uri)
+        host = parts.hostname or ""
+        # A port that is not a number raises only when it is read.
+        _ = parts.port
+    except ValueError as exc:
+        raise ConfigError("redirect_uri", "is not a valid URL") from exc
+    # RFC 6749 section 3.1.2: a redirection endpoint has no fragment.
+    if parts.fragment or "#" in uri:
+        raise ConfigError("redirect_uri", "must not contain a fragment (#)")
+    if parts.username is not None or not host:
+        raise ConfigError("redirect_uri", "must name a host and no user name")
     loopback = host in ("localhost", "127.0.0.1", "::1")
     if parts.scheme == "https" or (parts.scheme == "http" and loopback):
         return

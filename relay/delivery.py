@@ -47,7 +47,9 @@ IDLE_SESSION_SECONDS = 30.0
 STOP_GRACE_SECONDS = 10.0
 # How often an idle worker looks whether its session should close.
 IDLE_CHECK_SECONDS = 1.0
-# Bodies up to this size are read whole; bigger ones are sent from their file.
+# Bodies up to this size are read at once, from the event loop; bigger ones are
+# read whole in a thread, and the biggest are sent from their file in blocks.
+READ_INLINE_BODY_BYTES = 16 * 1024
 READ_WHOLE_BODY_BYTES = 256 * 1024
 # The recipient budget's state file, in the spool directory.
 RECIPIENT_BUDGET_FILE = "recipient-budget.json"
@@ -102,6 +104,7 @@ class DeliveryService:
             config.delivery.concurrency, config.limits.max_sessions
         )
         self._idle_workers = self._worker_count
+        self._queue_maybe_drained = True
         self.limits = LimitsRegistry(
             config.limits,
             state_file=spool.directory / RECIPIENT_BUDGET_FILE,
@@ -169,20 +172,25 @@ class DeliveryService:
                 await self._sleep(stop, timeout)
         finally:
             await self._stop_workers(workers)
+            self.limits.budget.save()
 
     async def _dispatch_due_messages(self) -> None:
         # Cleared before looking, so a wake() that comes while we look is kept.
         self._wake.clear()
+        self.limits.budget.save_if_due()
         await self._follow_settings()
         await self._requeue_stranded()
-        free = self._idle_workers - self._queue.qsize()
+        free = self._free_slots()
         if self.held or free <= 0:
             return
         if self._mailbox_blocked_until():
             await self._report_spent_budget()
             return
-        for message in await self._spool.claim_due(limit=free):
+        claimed = await self._spool.claim_due(limit=free)
+        for message in claimed:
             self._queue.put_nowait(message)
+        # A full claim leaves more due for the workers' next wake-ups to take.
+        self._queue_maybe_drained = len(claimed) < free
 
     async def _stop_workers(self, workers: list[asyncio.Task[None]]) -> None:
         """Let messages in flight finish briefly, then requeue everything else."""
@@ -220,15 +228,25 @@ class DeliveryService:
             log.info("settings_changed", version=self._settings_version)
             await self.release_hold()
 
+    def _free_slots(self) -> int:
+        """How many more messages to claim: one for each idle worker, one ahead each.
+
+        The message waiting behind each worker's current one means a worker never
+        waits for the dispatcher between two messages.
+        """
+        return self._idle_workers + self._worker_count - self._queue.qsize()
+
     async def _seconds_until_due(self) -> float:
         """How long the dispatcher may sleep; a wake() cuts it short."""
         poll = self._config.delivery.poll_interval
-        no_worker_free = self._idle_workers - self._queue.qsize() <= 0
+        no_worker_free = self._free_slots() <= 0
         if self.held or no_worker_free:
             return poll
         blocked_until = self._mailbox_blocked_until()
         if blocked_until:
             return max(0.0, min(poll, blocked_until - self._clock()))
+        if not self._queue_maybe_drained:
+            return poll
         next_due = await self._spool.next_due_at()
         if next_due is None:
             return poll
@@ -401,6 +419,8 @@ class DeliveryService:
         return session
 
     async def _open_body(self, message: QueuedMessage) -> bytes | BinaryIO:
+        if message.size <= READ_INLINE_BODY_BYTES:
+            return self._spool.read_small_body(message.queue_id)
         if message.size <= READ_WHOLE_BODY_BYTES:
             return await self._spool.read_body(message.queue_id)
         return await self._spool.open_body(message.queue_id)
@@ -426,13 +446,18 @@ class DeliveryService:
         # (Exchange does): that costs one fresh connection, not a failure.
         reconnects_left = 1 if session is not None else 0
         while outcome.unsent:
-            allowed = limiter.recipients_available()
+            allowed = limiter.reserve_recipients(len(outcome.unsent))
             if allowed <= 0:
                 outcome.budget_spent = True
                 return session
             batch, held_back = outcome.unsent[:allowed], outcome.unsent[allowed:]
-            await limiter.wait_until_resumed()
-            await limiter.pace.acquire()
+            accepted_now = 0
+            try:
+                await limiter.wait_until_resumed()
+                await limiter.pace.acquire()
+            except BaseException:
+                limiter.settle_recipients(allowed, accepted=0)
+                raise
             try:
                 if session is None:
                     session = await self._start_session(settings, limiter)
@@ -460,11 +485,13 @@ class DeliveryService:
                     continue
                 outcome.error = error
                 return session
+            else:
+                accepted_now = len(result.accepted)
             finally:
                 limiter.pace.release()
+                limiter.settle_recipients(allowed, accepted=accepted_now)
 
             reconnects_left = 0
-            limiter.spend_recipients(len(result.accepted))
             if result.accepted:
                 limiter.succeeded()
             outcome.accepted += result.accepted
@@ -747,7 +774,7 @@ class SpoolingSink(MessageSink):
         self.accepted_count += 1
         self._metrics.messages_accepted.inc()
         self._delivery.wake()
-        log.info(
+        log.debug(
             "message_queued",
             queue_id=queue_id,
             size=size,
@@ -768,12 +795,15 @@ class PassThroughSink(MessageSink):
         recorder: ErrorRecorder,
         tls_context: ssl.SSLContext,
         token_provider: TokenProvider | None = None,
+        limits: LimitsRegistry | None = None,
     ) -> None:
         self._config = config
         self._settings = settings
         self._recorder = recorder
         self._tls_context = tls_context
         self._token_provider = token_provider
+        # Shared with delivery, so that both count against one mailbox's limits.
+        self._limits = limits or LimitsRegistry(config.limits, state_file=None)
 
     def reconfigure(self, config: DaemonConfig) -> None:
         """Use a reloaded configuration's timeouts for the next message."""
@@ -796,6 +826,7 @@ class PassThroughSink(MessageSink):
             body = await asyncio.to_thread(path.read_bytes)
             path.unlink(missing_ok=True)
         settings = self._settings.current
+        limiter = self._limits.for_mailbox(settings.username)
         session = UpstreamSession(
             settings=settings,
             timeouts=self._config.timeouts,
@@ -803,33 +834,65 @@ class PassThroughSink(MessageSink):
             local_hostname=self._config.listen.hostname,
             token_provider=self._token_provider,
         )
+        if self._config.send_as.rewrite_sender or (
+            self._config.send_as.rewrite_from_header
+        ):
+            mail_from = envelope_sender(mail_from, mailbox=settings.username)
+        rewrite_head = (
+            functools.partial(rewrite_from_header, mailbox=settings.username)
+            if self._config.send_as.rewrite_from_header
+            else None
+        )
+        outcome = _Outcome(unsent=list(recipients))
+        await limiter.acquire_session()
         try:
             await session.open()
-            result = await session.send(
-                mail_from=mail_from,
-                recipients=recipients,
-                body=body,
-                smtputf8=smtputf8,
-                body_8bit=body_8bit,
-            )
+            # Recipients beyond what one transaction takes go in the next one.
+            while outcome.unsent:
+                await limiter.pace.acquire()
+                try:
+                    result = await session.send(
+                        mail_from=mail_from,
+                        recipients=outcome.unsent,
+                        body=body,
+                        smtputf8=smtputf8,
+                        body_8bit=body_8bit,
+                        max_recipients=self._config.limits.max_recipients_per_message,
+                        rewrite_head=rewrite_head,
+                    )
+                finally:
+                    limiter.pace.release()
+                outcome.accepted += result.accepted
+                outcome.refused |= result.refused
+                outcome.deferred |= result.deferred
+                outcome.reply = result.reply or outcome.reply
+                outcome.unsent = list(result.unsent)
+                if not result.accepted:
+                    break
         except RelayError as error:
             await asyncio.to_thread(
                 self._recorder.record_error, error, settings=settings
             )
-            return _reply_for_failure(error)
+            if not outcome.accepted:
+                return _reply_for_failure(error)
+            # Some recipients have the message already: a 4xx would make the
+            # client send it to them again. The row names what stopped the rest.
         finally:
             await session.close()
+            limiter.release_session()
 
-        for recipient, refusal in result.refused.items():
+        for recipient, refusal in outcome.refused.items():
             await asyncio.to_thread(
                 self._recorder.record_error,
                 refusal,
                 settings=settings,
                 recipient=recipient,
             )
-        if result.accepted:
-            return f"250 2.0.0 Delivered by the upstream server: {_short(result.reply)}"
-        first = next(iter((result.refused | result.deferred).values()))
+        if outcome.accepted:
+            return (
+                f"250 2.0.0 Delivered by the upstream server: {_short(outcome.reply)}"
+            )
+        first = next(iter((outcome.refused | outcome.deferred).values()))
         return _reply_for_failure(first)
 
 

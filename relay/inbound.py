@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import hmac
+import inspect
 import ipaddress
+import logging
 import os
 import re
 import time
@@ -30,6 +32,10 @@ from relay.dotstuffing import CRLF, TERMINATOR, DataUnstuffer
 from relay.errors import SpoolFullError
 
 log = structlog.get_logger(__name__)
+# aiosmtpd's own logger writes several INFO lines for every connection and
+# command, which cost more CPU than relaying a small message; the relay logs one
+# summary per message itself.
+AIOSMTPD_LOGGER = "mail.log"
 
 # The default enhanced status code for each reply code, for replies that aiosmtpd
 # writes without one (RFC 3463; RFC 2034 section 3 exempts greeting and EHLO).
@@ -61,6 +67,14 @@ _ENHANCED_BY_REPLY = {
 _ENHANCED_CODE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}(\s|$)")
 # Characters that would let an address inject commands or headers upstream.
 _FORBIDDEN_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>\s]")
+# "<local@domain> params" with a dot-atom local part (RFC 5321 section 4.1.2):
+# nearly every address a legacy service sends, read without the email package's
+# full RFC 5322 parser.
+_PLAIN_PATH = re.compile(
+    r"\s*<((?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+\.)*[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+    r"@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)>(.*)",
+    re.DOTALL,
+)
 
 INTERNAL_ERROR_REPLY = (
     "451 4.3.0 Local error in processing; the message was not accepted, try again later"
@@ -72,6 +86,10 @@ START_DATA_REPLY = "354 End data with <CR><LF>.<CR><LF>"
 # Bodies up to this size stay in memory; bigger ones are written to the spool as
 # they arrive. 256 KiB covers nearly all alerts and reports.
 BODY_MEMORY_LIMIT = 256 * 1024
+# The most DATA bytes read in one block (the reader pauses the socket at twice
+# that): large enough that a 100 KB message takes one or two trips, small enough
+# for hundreds of concurrent clients.
+DATA_BLOCK_LIMIT = 128 * 1024
 
 
 class MessageSink:
@@ -198,6 +216,10 @@ class RelayHandler:
         self._config = config
         self._sink = sink
 
+    def __dir__(self) -> list[str]:
+        """The hook and AUTH method names aiosmtpd looks for, as on RelaySMTP."""
+        return _protocol_method_names(type(self))
+
     async def handle_EHLO(
         self,
         server: SMTP,
@@ -296,6 +318,15 @@ class RelayHandler:
             "inbound_internal_error", error_type=type(error).__name__, error=str(error)
         )
         return INTERNAL_ERROR_REPLY
+
+
+# aiosmtpd reads handle_EHLO's signature for every new connection, to tell its
+# old four-argument form from the new one; worked out once here instead.
+setattr(  # noqa: B010
+    RelayHandler.handle_EHLO,
+    "__signature__",
+    inspect.signature(RelayHandler.handle_EHLO),
+)
 
 
 def _auth_on(server: SMTP) -> bool:
@@ -403,6 +434,27 @@ class RelaySMTP(SMTP):
             address = address.ipv4_mapped
         return any(address in network for network in self._allowed_networks)
 
+    def __dir__(self) -> list[str]:
+        """The command and AUTH method names only: what aiosmtpd looks for in dir().
+
+        aiosmtpd scans dir() of every new connection's protocol for its smtp_* and
+        auth_* methods; over the hundreds of attributes of an asyncio protocol,
+        that scan cost more than the rest of a small message's SMTP dialogue.
+        """
+        return _protocol_method_names(type(self))
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's address parsing, with a fast path for plain addresses."""
+        matched = _PLAIN_PATH.fullmatch(arg)
+        if matched is None:
+            parsed: tuple[str | None, str | None] = super()._getaddr(arg)
+            return parsed
+        address, rest = matched.groups()
+        local_part = address.rpartition("@")[0]
+        if self.local_part_limit and len(local_part) > self.local_part_limit:
+            return None, None
+        return address, rest.lstrip()
+
     async def smtp_DATA(self, arg: str) -> None:
         """Receive the message in large blocks, not aiosmtpd's line-by-line loop.
 
@@ -424,6 +476,12 @@ class RelaySMTP(SMTP):
 
         await self.push(START_DATA_REPLY)
         body = self.relay_handler.open_body(session)
+        # aiosmtpd's reader returns at most a command line's worth (1001 bytes)
+        # before the terminator is found; raised for the body, the blocks are
+        # as large as what has arrived. StreamReader keeps it as `_limit`.
+        line_limit = getattr(self._reader, "_limit", None)
+        if line_limit is not None:
+            setattr(self._reader, "_limit", DATA_BLOCK_LIMIT)  # noqa: B010
         try:
             failure = await self._receive_data(body)
         except BaseException:
@@ -431,6 +489,9 @@ class RelaySMTP(SMTP):
             if self._writer is not None:
                 self._writer.close()
             raise
+        finally:
+            if line_limit is not None:
+                setattr(self._reader, "_limit", line_limit)  # noqa: B010
 
         if failure is not None:
             body.discard()
@@ -476,22 +537,7 @@ class RelaySMTP(SMTP):
         return failure
 
     async def _read_data_block(self, tail: bytes) -> bytes:
-        """The next bytes of DATA, never reaching past the terminator.
-
-        Bytes after the terminator are the client's next (pipelined) command and
-        must stay in the reader for aiosmtpd's command loop. When the bytes read
-        so far end with the start of a terminator, only what could complete it is
-        read; otherwise everything up to the next whole terminator.
-        """
-        started = _terminator_started(tail)
-        if started:
-            return await self._reader.readexactly(len(TERMINATOR) - started)
-        try:
-            block: bytes = await self._reader.readuntil(TERMINATOR)
-        except asyncio.LimitOverrunError as exc:
-            # No terminator within the reader's line limit: take what is safe.
-            block = await self._reader.read(exc.consumed)
-        return block
+        return await read_data_block(self._reader, tail)
 
     @property
     def relay_handler(self) -> RelayHandler:
@@ -506,6 +552,39 @@ class RelaySMTP(SMTP):
             await super().push(_with_enhanced_code(status))
         else:
             await super().push(status)
+
+
+_METHOD_NAMES: dict[str, list[str]] = {}
+
+
+def _protocol_method_names(cls: type) -> list[str]:
+    key = f"{cls.__module__}.{cls.__qualname__}"
+    names = _METHOD_NAMES.get(key)
+    if names is None:
+        names = [
+            name for name in dir(cls) if name.startswith(("smtp_", "auth_", "handle_"))
+        ]
+        _METHOD_NAMES[key] = names
+    return names
+
+
+async def read_data_block(reader: asyncio.StreamReader, tail: bytes) -> bytes:
+    """The next bytes of DATA from `reader`, never reaching past the terminator.
+
+    `tail` is the last bytes read before (CRLF at the start of DATA). Bytes after
+    the terminator are the client's next (pipelined) command and must stay in the
+    reader for aiosmtpd's command loop. When the bytes read so far end with the
+    start of a terminator, only what could complete it is read; otherwise
+    everything up to the next whole terminator, or as much as the reader's limit.
+    """
+    started = _terminator_started(tail)
+    if started:
+        return await reader.readexactly(len(TERMINATOR) - started)
+    try:
+        return await reader.readuntil(TERMINATOR)
+    except asyncio.LimitOverrunError as exc:
+        # No whole terminator within the limit: what comes before it is safe.
+        return await reader.read(exc.consumed)
 
 
 def _terminator_started(tail: bytes) -> int:
@@ -581,6 +660,7 @@ class InboundServer:
         self._config = config
         self._handler = RelayHandler(config=config, sink=sink)
         self._authenticator = authenticator
+        logging.getLogger(AIOSMTPD_LOGGER).setLevel(logging.WARNING)
         self._servers: list[asyncio.AbstractServer] = []
         self.connections: set[RelaySMTP] = set()
         self.port: int | None = None

@@ -42,6 +42,8 @@ log = structlog.get_logger(__name__)
 # rolling window only when its last second has, so the count errs high.
 _BUDGET_BUCKET_SECONDS = 300.0
 _BUDGET_FILE_VERSION = 1
+# At most one state file write per this many seconds while mail flows.
+_BUDGET_SAVE_INTERVAL = 1.0
 # A window entry for a transaction still under way: it counts until it ends.
 _IN_FLIGHT = math.inf
 
@@ -113,9 +115,10 @@ class PaceKeeper:
 class RecipientBudget:
     """Recipients sent per mailbox in a rolling period, kept in a state file.
 
-    The file is rewritten (atomically, by rename) after each spend but not
-    fsync'd: a restart or a crash of the relay keeps the count; only a power cut
-    may lose the last seconds of it, which costs at most that many recipients.
+    The file is rewritten atomically (by rename) at most once a second while
+    recipients are spent, and at `save`, which delivery calls when it stops. It
+    is not fsync'd: a restart keeps the count, and a crash or a power cut loses
+    at most the last second of it, which costs that many recipients of margin.
     """
 
     def __init__(
@@ -132,6 +135,8 @@ class RecipientBudget:
         self._clock = clock
         # Mailbox (folded) -> {bucket start: recipients}.
         self._spent: dict[str, dict[float, int]] = self._load()
+        self._saved_at = 0.0
+        self._unsaved = False
 
     @property
     def limit(self) -> int:
@@ -150,7 +155,13 @@ class RecipientBudget:
         bucket = now - now % _BUDGET_BUCKET_SECONDS
         buckets = self._current(mailbox)
         buckets[bucket] = buckets.get(bucket, 0) + count
-        self._save()
+        self._unsaved = True
+        self.save_if_due()
+
+    def save_if_due(self) -> None:
+        """Write the state file if counts changed and the last write is old enough."""
+        if time.monotonic() - self._saved_at >= _BUDGET_SAVE_INTERVAL:
+            self.save()
 
     def frees_at(self, mailbox: str) -> float:
         """When the oldest counted recipients leave the window (now if none)."""
@@ -186,9 +197,12 @@ class RecipientBudget:
             )
             return {}
 
-    def _save(self) -> None:
-        if self._path is None:
+    def save(self) -> None:
+        """Write the counts to the state file now, if anything changed."""
+        if self._path is None or not self._unsaved:
             return
+        self._saved_at = time.monotonic()
+        self._unsaved = False
         state = {
             "version": _BUDGET_FILE_VERSION,
             "mailboxes": {
@@ -237,6 +251,7 @@ class MailboxLimiter:
         self.paused_until = 0.0
         self._throttle_streak = 0
         self.budget_reported = False
+        self._reserved = 0
 
     # Session slots
 
@@ -286,14 +301,25 @@ class MailboxLimiter:
 
     def recipients_available(self) -> int:
         """How many recipients may be sent now; 0 when the day's budget is spent."""
-        available = self.budget.available(self.mailbox)
+        available = self.budget.available(self.mailbox) - self._reserved
         if available > 0:
             self.budget_reported = False
-        return available
+        return max(0, available)
 
-    def spend_recipients(self, count: int) -> None:
-        """Count recipients the server accepted."""
-        self.budget.spend(self.mailbox, count)
+    def reserve_recipients(self, wanted: int) -> int:
+        """Set aside up to `wanted` recipients of the budget; return how many.
+
+        Sessions sending at the same time would otherwise each see the last few
+        recipients of the day as theirs.
+        """
+        granted = min(wanted, self.recipients_available())
+        self._reserved += granted
+        return granted
+
+    def settle_recipients(self, reserved: int, *, accepted: int) -> None:
+        """Give a reservation back, counting the recipients the server accepted."""
+        self._reserved -= reserved
+        self.budget.spend(self.mailbox, accepted)
 
     def blocked_until(self) -> float:
         """Until when nothing may be sent (throttle pause or spent budget); 0: now."""

@@ -522,8 +522,12 @@ class LogSink:
         offset: int = 0,
         category: str | None = None,
         since: datetime | None = None,
+        until: datetime | None = None,
     ) -> list[dict[str, Any]]:
-        """Rows newest first, the settings snapshot decoded into a dict."""
+        """Rows newest first, the settings snapshot decoded into a dict.
+
+        `since` and `until` bound registered_at, both ends included.
+        """
         if limit < 0 or offset < 0:
             raise ValueError("limit and offset must not be negative")
 
@@ -535,6 +539,9 @@ class LogSink:
         if since is not None:
             conditions.append("registered_at >= ?")
             parameters.append(_format_timestamp(since))
+        if until is not None:
+            conditions.append("registered_at <= ?")
+            parameters.append(_format_timestamp(until))
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         # Only fixed column names and placeholders are formatted in; values are bound.
         query = (

@@ -189,10 +189,16 @@ class _NewMessage:
 
 @dataclass(eq=False)
 class _PendingStore:
-    """A body already in messages/ whose rows wait for the next group commit."""
+    """A message waiting for the next group commit.
+
+    Its body is already in messages/ (streamed, `body` None), or still to be
+    written by the commit itself, which then names it (`message.queue_id`).
+    """
 
     message: _NewMessage
     committed: asyncio.Future[None]
+    body: bytes | None = None
+    error: BaseException | None = None
 
 
 _NO_FAILURES: Mapping[str, str] = types.MappingProxyType({})
@@ -212,6 +218,10 @@ class Spool:
         self._min_free_bytes = min_free_bytes
         self._clock = clock
         self._messages_dir = self.directory / "messages"
+        # Plain strings for the per-message paths: pathlib costs more than the
+        # system calls on the paths of a small message.
+        self._messages_prefix = f"{self._messages_dir}{os.sep}"
+        self._tmp_prefix = f"{self.directory / 'tmp'}{os.sep}"
         self._tmp_dir = self.directory / "tmp"
         self._database_path = self.directory / "spool.db"
 
@@ -399,22 +409,21 @@ class Spool:
         unique_recipients = _unique_recipients(recipients)
         self._require_open()
 
-        queue_id, size = await self._place_body(
-            functools.partial(self._write_body_file, body)
-        )
-        await self._commit_new_message(
+        # The body is written by the group commit, with those of the other
+        # sessions storing at the same time: one trip to a thread for them all.
+        return await self._commit_new_message(
             _NewMessage(
-                queue_id=queue_id,
+                queue_id="",
                 mail_from=mail_from,
                 recipients=unique_recipients,
-                size=size,
+                size=len(body),
                 smtputf8=smtputf8,
                 body_8bit=body_8bit,
                 client_address=client_address,
                 queued_at=self._clock(),
-            )
+            ),
+            body=body,
         )
-        return queue_id
 
     async def store_from_file(
         self,
@@ -480,7 +489,7 @@ class Spool:
     def _write_body_file(self, body: bytes) -> tuple[str, int]:
         self._check_free_space(len(body))
         queue_id = self._unused_queue_id()
-        temporary = self._tmp_dir / f"{queue_id}.tmp"
+        temporary = f"{self._tmp_prefix}{queue_id}.tmp"
 
         descriptor = os.open(
             temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
@@ -489,14 +498,17 @@ class Spool:
             try:
                 os.fchmod(descriptor, 0o600)
                 _write_all(descriptor, body)
-                os.fsync(descriptor)
+                # The data and the size that reads it back; the timestamps an
+                # fsync would also flush are not needed and cost a journal write.
+                os.fdatasync(descriptor)
             finally:
                 os.close(descriptor)
             # rename(2) is atomic: messages/ never holds a half-written body. The
             # new entry is made durable by the directory fsync at commit.
-            os.rename(temporary, self.body_path(queue_id))
+            os.rename(temporary, self._body_file(queue_id))
         except BaseException:
-            temporary.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
             raise
         return queue_id, len(body)
 
@@ -506,7 +518,7 @@ class Spool:
             try:
                 os.fchmod(descriptor, 0o600)
                 size = os.fstat(descriptor).st_size
-                os.fsync(descriptor)
+                os.fdatasync(descriptor)
             finally:
                 os.close(descriptor)
             self._check_free_space(0)
@@ -531,7 +543,7 @@ class Spool:
         queue_id = self._new_queue_id()
         # Only after the clock stepped back and seven random digits repeated; a
         # rename over an existing body would silently lose that message.
-        while self.body_path(queue_id).exists():
+        while os.path.exists(self._body_file(queue_id)):
             queue_id = self._new_queue_id()
         return queue_id
 
@@ -543,14 +555,18 @@ class Spool:
             secrets.randbelow(62**_QUEUE_ID_RANDOM_DIGITS), _QUEUE_ID_RANDOM_DIGITS
         )
 
-    async def _commit_new_message(self, message: _NewMessage) -> None:
-        """Commit a stored body's rows, together with any other stores waiting.
+    async def _commit_new_message(
+        self, message: _NewMessage, *, body: bytes | None = None
+    ) -> str:
+        """Commit a message, together with any other stores waiting; its queue id.
 
-        Group commit: while one batch pays for its directory fsync and database
-        commit, later stores queue up, and whoever holds the writer lock next
-        commits all of them in one transaction.
+        Group commit: while one batch pays for its fsyncs and database commit,
+        later stores queue up, and whoever holds the writer lock next writes all
+        their bodies and commits all their rows in one trip to a thread.
         """
-        pending = _PendingStore(message, asyncio.get_running_loop().create_future())
+        pending = _PendingStore(
+            message, asyncio.get_running_loop().create_future(), body=body
+        )
         self._pending_stores.append(pending)
 
         try:
@@ -559,28 +575,50 @@ class Spool:
                     await self._commit_pending_stores()
         except asyncio.CancelledError:
             if pending in self._pending_stores:
-                # Nobody will answer 250 for it, so its body must not linger.
                 self._pending_stores.remove(pending)
-                self.body_path(message.queue_id).unlink(missing_ok=True)
+                if body is None:
+                    # Nobody will answer 250 for it, so its body must not linger.
+                    self.body_path(message.queue_id).unlink(missing_ok=True)
             elif pending.committed.done() and not pending.committed.cancelled():
                 pending.committed.exception()  # retrieved: this store is abandoned
             raise
 
         # The commit's failure, if any, arrives here for every store in the batch.
         await pending.committed
+        return pending.message.queue_id
 
     async def _commit_pending_stores(self) -> None:
         batch, self._pending_stores = self._pending_stores, []
-        messages = [pending.message for pending in batch]
 
         task = self._start_in_thread(
-            functools.partial(self._insert_new_messages, messages),
-            action="storing a message",
+            functools.partial(self._store_batch, batch), action="storing a message"
         )
         # Settled from the task, so that the whole batch learns the outcome even if
         # the store that started the commit is cancelled.
         task.add_done_callback(functools.partial(_settle_pending_stores, batch))
         await _wait_until_done(task)
+
+    def _store_batch(self, batch: list[_PendingStore]) -> None:
+        """Write the bodies still in memory, then commit every message's rows.
+
+        A body that cannot be written (a full disk) fails its own store only.
+        """
+        for pending in batch:
+            if pending.body is None:
+                continue
+            try:
+                with _translated_errors("storing a message"):
+                    queue_id, size = self._write_body_file(pending.body)
+            except SpoolError as error:
+                pending.error = error
+                continue
+            pending.message = dataclasses.replace(
+                pending.message, queue_id=queue_id, size=size
+            )
+            pending.body = None
+        placed = [pending.message for pending in batch if pending.error is None]
+        if placed:
+            self._insert_new_messages(placed)
 
     def _insert_new_messages(self, messages: list[_NewMessage]) -> None:
         connection = self._writer_connection()
@@ -652,13 +690,25 @@ class Spool:
 
     def _claim_due_blocking(self, limit: int, due_by: float) -> list[QueuedMessage]:
         now = self._clock()
-        with self._write_transaction() as connection:
-            claimed = _fetch_messages(connection, _SELECT_DUE_MESSAGES, (due_by, limit))
-            connection.executemany(
-                "UPDATE messages SET state = ?, state_changed_at = ? "
-                "WHERE queue_id = ?",
-                [(MessageState.SENDING, now, message.queue_id) for message in claimed],
-            )
+        connection = self._writer_connection()
+        # A claim need not survive a crash: recovery turns SENDING back into
+        # QUEUED anyway. The next FULL commit makes it durable with itself.
+        connection.execute("PRAGMA synchronous = NORMAL")
+        try:
+            with self._write_transaction() as connection:
+                claimed = _fetch_messages(
+                    connection, _SELECT_DUE_MESSAGES, (due_by, limit)
+                )
+                connection.executemany(
+                    "UPDATE messages SET state = ?, state_changed_at = ? "
+                    "WHERE queue_id = ?",
+                    [
+                        (MessageState.SENDING, now, message.queue_id)
+                        for message in claimed
+                    ],
+                )
+        finally:
+            connection.execute("PRAGMA synchronous = FULL")
         return [
             dataclasses.replace(message, state=MessageState.SENDING)
             for message in claimed
@@ -671,12 +721,25 @@ class Spool:
             functools.partial(_open_body_file, path), action="reading a message"
         )
 
+    def read_small_body(self, queue_id: str) -> bytes:
+        """The body of a message of a few KB, read at once on the caller's thread.
+
+        A recently stored small body is in the page cache: reading it costs less
+        than handing the read to a thread.
+        """
+        return _read_body_file(self._body_file(queue_id))
+
     async def read_body(self, queue_id: str) -> bytes:
         """The message's body, byte for byte as it was stored."""
         path = self.body_path(queue_id)
         return await self._in_thread(
             functools.partial(_read_body_file, path), action="reading a message"
         )
+
+    def _body_file(self, queue_id: str) -> str:
+        if not _QUEUE_ID_PATTERN.fullmatch(queue_id):
+            raise ValueError(f"not a queue id: {queue_id!r}")
+        return self._messages_prefix + queue_id
 
     def body_path(self, queue_id: str) -> Path:
         """Where the body of a message lives; refuses anything but a queue id."""
@@ -700,22 +763,33 @@ class Spool:
         as it is, for the caller to defer, hold or fail the rest. Recipients already
         settled, or unknown, are ignored.
         """
-        message, removed = await self._write(
+        return await self._write(
             functools.partial(
                 self._record_attempt_blocking, queue_id, tuple(delivered), dict(failed)
             ),
             action="recording a delivery attempt",
         )
+
+    def _record_attempt_blocking(
+        self, queue_id: str, delivered: tuple[str, ...], failed: dict[str, str]
+    ) -> QueuedMessage | None:
+        connection = self._writer_connection()
+        # Not fsync'd on its own: the next FULL commit (any store) carries it to
+        # disk, and a process crash loses nothing. Only a power cut in between
+        # can forget a delivery, and the message is then sent again: twice at
+        # worst, never lost. Postfix does not sync its queue file removal either.
+        connection.execute("PRAGMA synchronous = NORMAL")
+        try:
+            message, removed = self._record_outcomes(queue_id, delivered, failed)
+        finally:
+            connection.execute("PRAGMA synchronous = FULL")
         if removed:
             # The row went first: a crash before this unlink leaves an orphan
             # file for open() to remove, never a row without its body.
-            await self._in_thread(
-                functools.partial(self._remove_body_files, [queue_id]),
-                action="removing a delivered message",
-            )
+            self._remove_body_files([queue_id])
         return message
 
-    def _record_attempt_blocking(
+    def _record_outcomes(
         self, queue_id: str, delivered: tuple[str, ...], failed: dict[str, str]
     ) -> tuple[QueuedMessage | None, bool]:
         now = self._clock()
@@ -989,7 +1063,7 @@ class Spool:
         # open() removes it.
         for queue_id in queue_ids:
             with contextlib.suppress(OSError):
-                self.body_path(queue_id).unlink(missing_ok=True)
+                os.unlink(self._body_file(queue_id))
 
     def _select(self, sql: str, parameters: tuple[Any, ...]) -> list[QueuedMessage]:
         with self._read_transaction() as connection:
@@ -1094,7 +1168,7 @@ def _settle_pending_stores(
         if task.cancelled():
             pending.committed.cancel()
             continue
-        failure = task.exception()
+        failure = pending.error or task.exception()
         if failure is None:
             pending.committed.set_result(None)
         else:
@@ -1214,11 +1288,13 @@ def _rollback(connection: sqlite3.Connection) -> None:
             connection.execute("ROLLBACK")
 
 
-def _read_body_file(path: Path) -> bytes:
+def _read_body_file(path: Path | str) -> bytes:
     try:
-        return path.read_bytes()
+        with open(path, "rb") as file:
+            return file.read()
     except FileNotFoundError as exc:
-        raise SpoolError(f"{_MISSING_BODY_ERROR} (queue id {path.name})") from exc
+        name = os.path.basename(path)
+        raise SpoolError(f"{_MISSING_BODY_ERROR} (queue id {name})") from exc
 
 
 def _open_body_file(path: Path) -> BinaryIO:

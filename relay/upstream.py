@@ -125,15 +125,12 @@ class UpstreamSession:
             if not implicit_tls:
                 stage = Stage.STARTTLS
                 if not smtp.supports_extension("starttls"):
-                    raise UpstreamTlsError(
-                        f"STARTTLS is not offered by {settings.hostname}:"
-                        f"{settings.port}; credentials are never sent without TLS"
-                    )
+                    raise starttls_not_offered(settings)
                 await smtp.starttls(server_hostname=settings.hostname)
                 stage = Stage.EHLO
                 await smtp.ehlo()
             stage = Stage.AUTH
-            await self._authenticate(smtp)
+            await authenticate(smtp, settings, token_provider=self._token_provider)
         except BaseException as exc:
             smtp.close()
             self._smtp = None
@@ -151,37 +148,6 @@ class UpstreamSession:
     def age(self) -> float:
         """Seconds since the session was opened (0 before)."""
         return 0.0 if self.opened_at is None else time.monotonic() - self.opened_at
-
-    async def _authenticate(self, smtp: aiosmtplib.SMTP) -> None:
-        settings = self.settings
-        offered = {method.lower() for method in smtp.server_auth_methods}
-
-        if settings.auth_type == "oauth":
-            if self._token_provider is None:
-                raise ConfigError("auth_type", "OAuth is chosen but not set up")
-            if "xoauth2" not in offered:
-                raise ConfigError(
-                    "auth_type", f"{settings.hostname} does not offer AUTH XOAUTH2"
-                )
-            access_token = await self._token_provider()
-            try:
-                await smtp.auth_xoauth2(settings.username, access_token)
-            except aiosmtplib.SMTPAuthenticationError as exc:
-                raise _refused_token(exc) from exc
-            return
-
-        if not settings.username:
-            raise ConfigError("username", "Basic authentication needs a username")
-        # PLAIN takes one round trip; Exchange Online offers only LOGIN.
-        if "plain" in offered:
-            await smtp.auth_plain(settings.username, settings.password)
-        elif "login" in offered:
-            await smtp.auth_login(settings.username, settings.password)
-        else:
-            raise ConfigError(
-                "auth_type",
-                f"{settings.hostname} offers neither AUTH PLAIN nor AUTH LOGIN",
-            )
 
     async def send(
         self,
@@ -358,6 +324,55 @@ class UpstreamSession:
         except Exception:
             # QUIT is a courtesy: a server that has already gone needs nothing more.
             smtp.close()
+
+
+def starttls_not_offered(settings: MailSettings) -> UpstreamTlsError:
+    """The server's EHLO lacks STARTTLS: nothing secret may follow in the clear."""
+    return UpstreamTlsError(
+        f"STARTTLS is not offered by {settings.hostname}:{settings.port}; "
+        "credentials are never sent without TLS"
+    )
+
+
+async def authenticate(
+    smtp: aiosmtplib.SMTP,
+    settings: MailSettings,
+    *,
+    token_provider: TokenProvider | None,
+) -> None:
+    """AUTH as the settings say: XOAUTH2 for OAuth, else PLAIN or LOGIN.
+
+    Raises ConfigError when the server offers no usable mechanism, SmtpReplyError
+    (via aiosmtplib) when it refuses the credentials.
+    """
+    offered = {method.lower() for method in smtp.server_auth_methods}
+
+    if settings.auth_type == "oauth":
+        if token_provider is None:
+            raise ConfigError("auth_type", "OAuth is chosen but not set up")
+        if "xoauth2" not in offered:
+            raise ConfigError(
+                "auth_type", f"{settings.hostname} does not offer AUTH XOAUTH2"
+            )
+        access_token = await token_provider()
+        try:
+            await smtp.auth_xoauth2(settings.username, access_token)
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            raise _refused_token(exc) from exc
+        return
+
+    if not settings.username:
+        raise ConfigError("username", "Basic authentication needs a username")
+    # PLAIN takes one round trip; Exchange Online offers only LOGIN.
+    if "plain" in offered:
+        await smtp.auth_plain(settings.username, settings.password)
+    elif "login" in offered:
+        await smtp.auth_login(settings.username, settings.password)
+    else:
+        raise ConfigError(
+            "auth_type",
+            f"{settings.hostname} offers neither AUTH PLAIN nor AUTH LOGIN",
+        )
 
 
 def _refused_token(exc: aiosmtplib.SMTPAuthenticationError) -> SmtpReplyError:

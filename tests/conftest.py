@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import smtplib
 import sqlite3
@@ -209,3 +210,69 @@ def strip_received(data: bytes) -> bytes:
 @pytest.fixture
 def captured_secrets() -> Iterator[list[str]]:
     yield [PASSWORD, INBOUND_PASSWORD]
+
+
+# --- the whole suite's final check: marker secrets stayed in their files ----------
+
+# Files whose job is to hold a marker secret; everything else must not.
+SECRET_HOLDERS = frozenset(
+    {"mail-settings.json", ".mail-settings.json.tmp", "inbound-users"}
+)
+_secret_sightings: list[str] = []
+_basetemp: list[Path] = []
+
+
+def marker_secret_forms() -> dict[str, bytes]:
+    """Each marker secret as it may leak: plain, and in any base64 payload."""
+    forms: dict[str, bytes] = {}
+    for name, secret in (
+        ("PASSWORD", PASSWORD),
+        ("INBOUND_PASSWORD", INBOUND_PASSWORD),
+    ):
+        raw = secret.encode()
+        forms[name] = raw
+        # Inside a longer base64 payload (AUTH PLAIN, XOAUTH2) the secret sits at
+        # one of three alignments; these characters depend on the secret alone.
+        for offset in range(3):
+            encoded = base64.b64encode(b"\0" * offset + raw)
+            first, end = -(-offset * 8 // 6), (offset + len(raw)) * 8 // 6
+            forms[f"{name} in base64 (offset {offset})"] = encoded[first:end]
+    return forms
+
+
+def _sighted(text: bytes) -> list[str]:
+    return [name for name, form in marker_secret_forms().items() if form in text]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remember_basetemp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    _basetemp.append(tmp_path_factory.getbasetemp())
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Note any test whose captured output or exception text shows a marker."""
+    texts = [content for _, content in report.sections]
+    if report.longrepr is not None and not report.failed:
+        texts.append(str(report.longrepr))
+    for text in texts:
+        for name in _sighted(text.encode("utf-8", "surrogateescape")):
+            _secret_sightings.append(f"{name} in the output of {report.nodeid}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a marker secret reached any output or file but its own."""
+    # Captured output accumulates over a test's phases: report each test once.
+    sightings = list(dict.fromkeys(_secret_sightings))
+    for basetemp in _basetemp:
+        for path in sorted(basetemp.rglob("*")):
+            if path.name in SECRET_HOLDERS or path.is_symlink() or not path.is_file():
+                continue
+            sightings += [f"{name} in {path}" for name in _sighted(path.read_bytes())]
+    if not sightings:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("Marker secrets leaked:", red=True, bold=True)
+        for sighting in sightings:
+            reporter.write_line(f"  {sighting}", red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -17,16 +17,20 @@ import re
 import signal
 import smtplib
 import socket
+import sqlite3
+import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from relay.config import DaemonConfig, write_mail_settings
+from relay import config as relay_config
+from relay.config import write_mail_settings
 from relay.sandbox.certs import SandboxPKI
 from relay.sandbox.exchange import ReceivedMessage, SandboxExchange
 from tests.conftest import MAILBOX, PASSWORD, basic_settings, relay_config_dict
@@ -72,12 +76,10 @@ def relaxed_limits() -> dict[str, dict[str, Any]]:
         "throttle_backoff": 0.3,
         "throttle_backoff_max": 1.0,
     }
-    section = next(
-        (f for f in dataclasses.fields(DaemonConfig) if f.name == "limits"), None
-    )
-    if section is None:
+    limits_type = getattr(relay_config, "LimitsConfig", None)
+    if limits_type is None:
         return {}
-    known = {f.name for f in dataclasses.fields(section.default_factory())}  # type: ignore[misc]
+    known = {f.name for f in dataclasses.fields(limits_type)}
     return {"limits": {key: value for key, value in wanted.items() if key in known}}
 
 
@@ -276,6 +278,59 @@ def message_id_counts(messages: Iterable[ReceivedMessage]) -> collections.Counte
     return counts
 
 
+async def wait_for_delivery(
+    exchange: SandboxExchange,
+    acknowledged: set[str],
+    *,
+    stall_seconds: float,
+    max_seconds: float,
+) -> float:
+    """Wait until every acknowledged Message-ID arrived; return the seconds taken.
+
+    Gives up when nothing new arrives for `stall_seconds`, or after `max_seconds`:
+    a long queue drains as fast as delivery goes, a stuck one ends the wait.
+    """
+    started = time.monotonic()
+    seen: set[str] = set()
+    counted = 0
+    last_progress = started
+    while True:
+        now = time.monotonic()
+        messages = exchange.messages
+        if len(messages) > counted:
+            seen |= set(message_id_counts(messages[counted:]))
+            counted = len(messages)
+            last_progress = now
+        if acknowledged <= seen:
+            break
+        if now - last_progress > stall_seconds or now - started > max_seconds:
+            break
+        await asyncio.sleep(0.2)
+    return time.monotonic() - started
+
+
+def spool_states(spool_dir: Path) -> tuple[dict[str, int], tuple[str, ...]]:
+    """Messages left in a stopped daemon's spool by state, and why any is stuck."""
+    database = spool_dir / "spool.db"
+    if not database.exists():
+        return {}, ()
+    connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    try:
+        states = dict(
+            connection.execute("SELECT state, COUNT(*) FROM messages GROUP BY state")
+        )
+        reasons = tuple(
+            f"{state}: {error}"
+            for state, error in connection.execute(
+                "SELECT DISTINCT state, last_error FROM messages "
+                "WHERE state IN ('held', 'failed', 'sending') LIMIT 10"
+            )
+        )
+    finally:
+        connection.close()
+    return states, reasons
+
+
 @dataclass(frozen=True)
 class CrashReport:
     """What a crash campaign did and what the sandbox received."""
@@ -295,6 +350,10 @@ class CrashReport:
     mean_start_seconds: float
     # Upper bound on duplicates: every kill may cut `concurrency` deliveries.
     in_flight_bound: int
+    drain_seconds: float
+    # What the spool still held at the end, by state, and why (if stuck).
+    spool_states: dict[str, int]
+    spool_reasons: tuple[str, ...]
 
     def summary(self) -> str:
         return (
@@ -303,7 +362,10 @@ class CrashReport:
             f"{len(self.lost)} lost; {self.duplicates} duplicates "
             f"(max {self.max_copies} copies, bound {self.in_flight_bound}); "
             f"{self.unacknowledged_delivered} unacknowledged but delivered; "
-            f"restart {self.mean_start_seconds * 1000:.0f} ms on average"
+            f"restart {self.mean_start_seconds * 1000:.0f} ms on average; "
+            f"queue drained in {self.drain_seconds:.1f} s; "
+            f"left in the spool: {self.spool_states or 'nothing'} "
+            f"{'; '.join(self.spool_reasons)}"
         )
 
 
@@ -316,7 +378,7 @@ async def run_crash_campaign(
     max_uptime: float = 0.6,
     clients: int = 3,
     seed: int = 6,
-    drain_timeout: float = 60.0,
+    drain_stall_seconds: float = 20.0,
     max_seconds: float | None = None,
 ) -> CrashReport:
     """Kill -9 the daemon `kills` times under load; count the mail at the sandbox.
@@ -354,11 +416,12 @@ async def run_crash_campaign(
         await asyncio.to_thread(load.stop)
 
         acknowledged = set(load.acknowledged)
-        deadline = time.monotonic() + drain_timeout
-        while time.monotonic() < deadline:
-            if acknowledged <= set(message_id_counts(exchange.messages)):
-                break
-            await asyncio.sleep(0.2)
+        drain_seconds = await wait_for_delivery(
+            exchange,
+            acknowledged,
+            stall_seconds=drain_stall_seconds,
+            max_seconds=600.0,
+        )
         # Deliveries cut by the last kill may still arrive as duplicates.
         await asyncio.sleep(1.0)
         await daemon.kill(signal.SIGTERM)
@@ -369,6 +432,7 @@ async def run_crash_campaign(
 
     counts = message_id_counts(exchange.messages)
     lost = tuple(sorted(acknowledged - set(counts)))
+    states, reasons = spool_states(directory / "spool")
     return CrashReport(
         kills=done_kills,
         acknowledged=len(acknowledged),
@@ -382,4 +446,214 @@ async def run_crash_campaign(
         seconds=time.monotonic() - started,
         mean_start_seconds=sum(start_times) / max(1, len(start_times)),
         in_flight_bound=done_kills * concurrency,
+        drain_seconds=drain_seconds,
+        spool_states=states,
+        spool_reasons=reasons,
+    )
+
+
+@dataclass(frozen=True)
+class OutageReport:
+    """What an outage campaign did and what the sandbox received."""
+
+    outages: int
+    outage_seconds: float
+    acknowledged: int
+    delivered_unique: int
+    lost: tuple[str, ...]
+    duplicates: int
+    error_rows: int
+    drain_seconds: float
+
+    def summary(self) -> str:
+        return (
+            f"{self.outages} outages ({self.outage_seconds:.1f} s down in all); "
+            f"{self.acknowledged} acknowledged; {len(self.lost)} lost; "
+            f"{self.duplicates} duplicates; {self.error_rows} error rows; "
+            f"queue drained {self.drain_seconds:.1f} s after the last recovery"
+        )
+
+
+async def run_outage_campaign(
+    directory: Path,
+    *,
+    pki: SandboxPKI,
+    outages: int,
+    min_down: float = 0.5,
+    max_down: float = 3.0,
+    min_up: float = 0.5,
+    max_up: float = 2.0,
+    clients: int = 3,
+    seed: int = 6,
+    drain_stall_seconds: float = 20.0,
+) -> OutageReport:
+    """Take the sandbox down `outages` times (refusing, or answering 421) under load."""
+    rng = random.Random(seed)
+    exchange = SandboxExchange(pki=pki, users={MAILBOX: PASSWORD})
+    await exchange.start()
+    config_path, port = write_daemon_files(
+        directory, pki=pki, exchange_port=exchange.port
+    )
+    daemon = DaemonProcess(config_path, port, directory / "daemon-output.txt")
+    load = LoadGenerator(port=port, clients=clients)
+    down_total = 0.0
+    try:
+        await daemon.start()
+        load.start()
+        for number in range(outages):
+            await asyncio.sleep(rng.uniform(min_up, max_up))
+            down = rng.uniform(min_down, max_down)
+            down_total += down
+            if number % 2:
+                # At MAIL too: open sessions are reused, and would not see a
+                # greeting until they close.
+                for stage in ("greeting", "mail"):
+                    exchange.inject(
+                        stage,
+                        "421 4.3.2 Service not available, closing transmission channel",
+                    )
+                await asyncio.sleep(down)
+                exchange.clear_faults()
+            else:
+                await exchange.stop()
+                await asyncio.sleep(down)
+                await exchange.start()
+        await asyncio.to_thread(load.stop)
+        recovered = time.monotonic()
+        acknowledged = set(load.acknowledged)
+        await wait_for_delivery(
+            exchange,
+            acknowledged,
+            stall_seconds=drain_stall_seconds,
+            max_seconds=600.0,
+        )
+        drain_seconds = time.monotonic() - recovered
+        await daemon.kill(signal.SIGTERM)
+    finally:
+        load.stop()
+        daemon.ensure_stopped()
+        await exchange.stop()
+
+    counts = message_id_counts(exchange.messages)
+    database = directory / "logs" / "epp_mail.db"
+    error_rows = _count_rows(database)
+    return OutageReport(
+        outages=outages,
+        outage_seconds=down_total,
+        acknowledged=len(acknowledged),
+        delivered_unique=len(counts),
+        lost=tuple(sorted(acknowledged - set(counts))),
+        duplicates=sum(count - 1 for count in counts.values()),
+        error_rows=error_rows,
+        drain_seconds=drain_seconds,
+    )
+
+
+def _count_rows(database: Path) -> int:
+    connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    try:
+        return int(
+            connection.execute("SELECT COUNT(*) FROM mail_server_logs").fetchone()[0]
+        )
+    finally:
+        connection.close()
+
+
+class Conversation:
+    """A raw SMTP client: send bytes exactly as given, read whole replies."""
+
+    def __init__(self, port: int, *, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.stream = self.sock.makefile("rb")
+        self.greeting = self.reply()
+
+    def reply(self) -> bytes:
+        """One reply, all of its lines; b"" if the server closed the connection."""
+        reply = b""
+        while True:
+            line: bytes = self.stream.readline()
+            reply += line
+            if len(line) < 4 or line[3:4] != b"-":
+                return reply
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def command(self, line: bytes) -> bytes:
+        self.send(line)
+        return self.reply()
+
+    def abort(self) -> None:
+        """Vanish: close with a TCP reset instead of a goodbye."""
+        self.sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+        )
+        self.close()
+
+    def close(self) -> None:
+        self.stream.close()
+        self.sock.close()
+
+
+@contextmanager
+def conversation(port: int, *, timeout: float = 10.0) -> Iterator[Conversation]:
+    talk = Conversation(port, timeout=timeout)
+    try:
+        yield talk
+    finally:
+        talk.close()
+
+
+@dataclass(frozen=True)
+class FloodFigures:
+    """The daemon's memory while `connections` idle clients held a connection."""
+
+    connections: int
+    greeted: int
+    # The greeting of one connection past the limit.
+    refused: bytes
+    before_kib: int
+    during_kib: int
+    peak_kib: int
+    seconds: float
+
+    @property
+    def per_connection_kib(self) -> float:
+        return (self.during_kib - self.before_kib) / self.connections
+
+    def summary(self) -> str:
+        return (
+            f"{self.connections} idle connections: {self.greeted} greeted, one more "
+            f"refused ({self.refused[:9].decode(errors='replace')}); RSS "
+            f"{self.before_kib} KiB before, {self.during_kib} KiB during "
+            f"({self.per_connection_kib:.1f} KiB each), peak {self.peak_kib} KiB; "
+            f"opened in {self.seconds:.2f} s"
+        )
+
+
+def idle_flood(daemon: DaemonProcess, count: int) -> FloodFigures:
+    """Open `count` idle connections, one more past the limit; measure the daemon."""
+    before = daemon.current_rss_kib()
+    started = time.monotonic()
+    held: list[Conversation] = []
+    try:
+        for _ in range(count):
+            held.append(Conversation(daemon.port, timeout=30))
+        seconds = time.monotonic() - started
+        with conversation(daemon.port) as extra:
+            refused = extra.greeting
+        during = daemon.current_rss_kib()
+        greeted = sum(1 for talk in held if talk.greeting.startswith(b"220"))
+    finally:
+        for talk in held:
+            talk.close()
+    time.sleep(0.5)
+    return FloodFigures(
+        connections=count,
+        greeted=greeted,
+        refused=refused,
+        before_kib=before,
+        during_kib=during,
+        peak_kib=daemon.peak_rss_kib(),
+        seconds=seconds,
     )

@@ -92,8 +92,16 @@ async def test_admin_status_reports_queue_depth_and_hold(
     assert body == {
         "queue": {"queued": 0, "sending": 0, "deferred": 0, "held": 0, "failed": 0},
         "held": False,
+        "hold_reason": None,
         "last_error": None,
         "summary": "0 queued, 0 sending, 0 deferred, 0 held, 0 failed",
+        "auth_type": "basic",
+        "sign_in": {
+            "required": False,
+            "signed_in": None,
+            "mailbox": None,
+            "access_token_expires_at": None,
+        },
     }
 
 
@@ -175,3 +183,40 @@ async def test_admin_disabled_means_no_admin_port(
         basic_settings(exchange.port), overrides={"admin": {"enabled": False}}
     )
     assert relay.app.admin is None
+
+
+async def test_admin_page_is_served_without_a_token_under_a_strict_policy(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(basic_settings(exchange.port))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(admin_url(relay, "/")) as page,
+        session.get(admin_url(relay, "/static/app.js")) as script,
+    ):
+        policy = page.headers["Content-Security-Policy"]
+        statuses = (page.status, page.content_type, script.content_type)
+    assert (
+        statuses,
+        "default-src 'none'" in policy,
+        "script-src 'self'" in policy,
+    ) == (
+        (200, "text/html", "text/javascript"),
+        True,
+        True,
+    )
+
+
+@pytest.mark.parametrize(
+    "path", ["/static/admin.py", "/static/..%2Fadmin.py", "/static/index.html"]
+)
+async def test_admin_static_route_serves_only_the_page_files(
+    exchange: SandboxExchange, start_relay: RelayFactory, path: str
+) -> None:
+    relay = await start_relay(basic_settings(exchange.port))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(admin_url(relay, path)) as response,
+    ):
+        status = response.status
+    assert status == 404

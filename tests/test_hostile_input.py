@@ -13,10 +13,7 @@ import base64
 import re
 import signal
 import socket
-import struct
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,8 +21,9 @@ from aiosmtpd.smtp import Envelope, Session
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.config import ListenConfig
+from relay.config import ListenConfig, parse_daemon_config
 from relay.errors import (
+    ConfigError,
     Disposition,
     SmtpReplyError,
     Stage,
@@ -42,62 +40,25 @@ from relay.inbound import (
 from relay.sandbox.certs import SandboxPKI
 from relay.sandbox.exchange import SandboxExchange
 from tests.conftest import (
+    INBOUND_PASSWORD,
     RelayFactory,
     basic_settings,
     send_mail_async,
     wait_for,
 )
-from tests.daemon_harness import DaemonProcess, relaxed_limits, write_daemon_files
+from tests.daemon_harness import (
+    Conversation,
+    DaemonProcess,
+    conversation,
+    idle_flood,
+    relaxed_limits,
+    write_daemon_files,
+)
 
 # A reply line as the relay writes it: code, separator, enhanced code, text.
 _REPLY_WITH_ENHANCED_CODE = re.compile(rb"^(\d{3}) ([245])\.\d{1,3}\.\d{1,3} ")
 # A line break that is not CRLF: what a lenient upstream could misread.
 _BARE_LINE_BREAK = re.compile(rb"\r(?!\n)|(?<!\r)\n")
-
-
-class Conversation:
-    """A raw SMTP client: send bytes exactly as given, read whole replies."""
-
-    def __init__(self, port: int, *, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.stream = self.sock.makefile("rb")
-        self.greeting = self.reply()
-
-    def reply(self) -> bytes:
-        """One reply, all of its lines; b"" if the server closed the connection."""
-        reply = b""
-        while True:
-            line: bytes = self.stream.readline()
-            reply += line
-            if len(line) < 4 or line[3:4] != b"-":
-                return reply
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def command(self, line: bytes) -> bytes:
-        self.send(line)
-        return self.reply()
-
-    def abort(self) -> None:
-        """Vanish: close with a TCP reset instead of a goodbye."""
-        self.sock.setsockopt(
-            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-        )
-        self.close()
-
-    def close(self) -> None:
-        self.stream.close()
-        self.sock.close()
-
-
-@contextmanager
-def conversation(port: int, *, timeout: float = 10.0) -> Iterator[Conversation]:
-    talk = Conversation(port, timeout=timeout)
-    try:
-        yield talk
-    finally:
-        talk.close()
 
 
 def _open_transaction(
@@ -480,53 +441,132 @@ async def test_hostile_input_1000_idle_connections_keep_memory_bounded(
     daemon = DaemonProcess(config_path, port, tmp_path / "relay" / "output.txt")
     await daemon.start()
     try:
-        figures = await asyncio.to_thread(_idle_flood, daemon, 1000)
+        figures = await asyncio.to_thread(idle_flood, daemon, 1000)
         code, _ = await send_mail_async(port)
         await exchange.wait_for_messages(1, timeout=15)
     finally:
         await daemon.kill(signal.SIGTERM)
         daemon.ensure_stopped()
-    print(
-        f"1000 idle connections: RSS {figures['before_kib']} KiB before, "
-        f"{figures['during_kib']} KiB during, peak {figures['peak_kib']} KiB; "
-        f"opened in {figures['seconds']:.2f} s"
-    )
+    print(figures.summary())
     # Under 64 KiB a connection, and a peak well under what a small VM spares.
-    per_connection = (figures["during_kib"] - figures["before_kib"]) / 1000
     assert (
-        figures["greeted"],
-        figures["refused"][:9],
-        per_connection < 64,
-        figures["peak_kib"] < 200 * 1024,
+        figures.greeted,
+        figures.refused[:9],
+        figures.per_connection_kib < 64,
+        figures.peak_kib < 200 * 1024,
         code,
     ) == (1000, b"421 4.7.0", True, True, 250), figures
 
 
-def _idle_flood(daemon: DaemonProcess, count: int) -> dict[str, object]:
-    """Open `count` idle connections, one more past the limit; measure the daemon."""
-    before = daemon.current_rss_kib()
-    started = time.monotonic()
-    held: list[Conversation] = []
-    try:
-        for _ in range(count):
-            held.append(Conversation(daemon.port, timeout=30))
-        seconds = time.monotonic() - started
-        with conversation(daemon.port) as extra:
-            refused = extra.greeting
-        during = daemon.current_rss_kib()
-        greeted = sum(1 for talk in held if talk.greeting.startswith(b"220"))
-    finally:
-        for talk in held:
-            talk.close()
-    time.sleep(0.5)
-    return {
-        "before_kib": before,
-        "during_kib": during,
-        "peak_kib": daemon.peak_rss_kib(),
-        "greeted": greeted,
-        "refused": refused,
-        "seconds": seconds,
-    }
+# --- access: loopback peers only, no open relay, AUTH when required ----------------
+
+
+def _greeting_from(source: str, port: int) -> bytes:
+    with socket.socket() as sock:
+        sock.settimeout(10)
+        sock.bind((source, 0))
+        sock.connect(("127.0.0.1", port))
+        return sock.makefile("rb").readline()
+
+
+async def test_hostile_input_only_the_allowed_source_address_is_served(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(
+        basic_settings(exchange.port),
+        overrides={"listen": {"allowed_networks": ["127.0.0.2/32"]}},
+    )
+    allowed = await asyncio.to_thread(_greeting_from, "127.0.0.2", relay.port)
+    refused = await asyncio.to_thread(_greeting_from, "127.0.0.3", relay.port)
+    assert (allowed[:4], refused[:9]) == (b"220 ", b"554 5.7.1")
+
+
+async def test_hostile_input_mail_for_any_domain_goes_only_to_the_upstream(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(basic_settings(exchange.port))
+    # Domains that never resolve, an address literal, the percent hack and a
+    # source route: had the relay looked up any MX, none of these would arrive.
+    recipients = [
+        "victim@example.invalid",
+        "victim@[192.0.2.1]",
+        "victim%example.invalid@contoso.test",
+    ]
+
+    def send() -> list[bytes]:
+        with conversation(relay.port) as talk:
+            talk.command(b"EHLO legacy.local\r\n")
+            talk.command(b"MAIL FROM:<relay@contoso.test>\r\n")
+            replies = [
+                talk.command(b"RCPT TO:<" + r.encode() + b">\r\n") for r in recipients
+            ]
+            replies.append(
+                talk.command(
+                    b"RCPT TO:<@mx.example.invalid:routed@example.invalid>\r\n"
+                )
+            )
+            talk.command(b"DATA\r\n")
+            replies.append(talk.command(b"Subject: anywhere\r\n\r\nx\r\n.\r\n"))
+        return replies
+
+    replies = await asyncio.to_thread(send)
+    await exchange.wait_for_messages(1, timeout=15)
+    assert (
+        [reply[:3] for reply in replies],
+        exchange.messages[0].rcpt_tos,
+        {session.peer for session in exchange.sessions},
+    ) == (
+        [b"250"] * 5,
+        [*recipients, "routed@example.invalid"],
+        {"127.0.0.1"},
+    )
+
+
+async def test_hostile_input_auth_required_refuses_every_unauthenticated_step(
+    exchange: SandboxExchange, start_relay: RelayFactory, tmp_path: Path
+) -> None:
+    credentials = tmp_path / "inbound-users"
+    credentials.write_text(f"printer:{INBOUND_PASSWORD}\n")
+    credentials.chmod(0o600)
+    relay = await start_relay(
+        basic_settings(exchange.port),
+        overrides={
+            "listen": {
+                "auth_credentials_file": str(credentials),
+                "auth_required": True,
+            }
+        },
+    )
+    wrong = base64.b64encode(b"\0printer\0not-the-password")
+    right = base64.b64encode(f"\0printer\0{INBOUND_PASSWORD}".encode())
+
+    def steps() -> list[bytes]:
+        with conversation(relay.port) as talk:
+            talk.command(b"EHLO legacy.local\r\n")
+            return [
+                talk.command(b"MAIL FROM:<relay@contoso.test>\r\n"),
+                talk.command(b"RCPT TO:<ops@contoso.test>\r\n"),
+                talk.command(b"DATA\r\n"),
+                talk.command(b"AUTH PLAIN " + wrong + b"\r\n"),
+                talk.command(b"MAIL FROM:<relay@contoso.test>\r\n"),
+                talk.command(b"AUTH PLAIN " + right + b"\r\n"),
+                talk.command(b"MAIL FROM:<relay@contoso.test>\r\n"),
+            ]
+
+    replies = await asyncio.to_thread(steps)
+    assert ([reply[:3] for reply in replies], exchange.messages) == (
+        [b"530", b"530", b"530", b"535", b"530", b"235", b"250"],
+        [],
+    )
+
+
+def test_hostile_input_auth_required_without_credentials_does_not_start(
+    tmp_path: Path,
+) -> None:
+    # Nobody could authenticate: every legacy client would get a permanent 530.
+    with pytest.raises(ConfigError) as raised:
+        parse_daemon_config({"listen": {"auth_required": True}}, base_dir=tmp_path)
+    assert raised.value.key == "listen.auth_required"
 
 
 # --- the admin API from a hostile caller -------------------------------------------
@@ -560,7 +600,7 @@ async def test_hostile_input_admin_api_refuses_forged_tokens(
             .replace(b"{basic}", base64.b64encode(f"admin:{token}".encode()))
         )
         request += b"Authorization: " + forged + b"\r\n"
-    assert relay.app.admin is not None
+    assert relay.app.admin is not None and relay.app.admin.port is not None
     status = await asyncio.to_thread(
         _http_status, relay.app.admin.port, request + b"\r\n"
     )

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relay.dotstuffing import DataUnstuffer, DotStuffer
+from relay.inbound import read_data_block
 from relay.sandbox.exchange import SandboxExchange
 from tests.conftest import (
     INBOUND_PASSWORD,
@@ -440,3 +441,70 @@ async def test_inbound_small_body_stays_in_memory(
     await send_mail_async(relay.port)
     await exchange.wait_for_messages(1, timeout=15)
     assert streamed == []
+
+
+async def test_inbound_protocol_finds_every_command_and_auth_method(
+    exchange: SandboxExchange, start_relay: RelayFactory, tmp_path: Path
+) -> None:
+    credentials = _credentials_file(tmp_path / "auth")
+    relay = await start_relay(
+        basic_settings(exchange.port),
+        overrides={"listen": {"auth_credentials_file": str(credentials)}},
+    )
+    protocol = relay.app.inbound._protocol()
+    everything = object.__dir__(protocol)
+    hooks = object.__dir__(protocol.event_handler)
+    assert (
+        set(protocol._smtp_methods),
+        set(protocol._auth_methods),
+        set(protocol._handle_hooks),
+    ) == (
+        {name.removeprefix("smtp_") for name in everything if name.startswith("smtp_")},
+        {
+            name.removeprefix("auth_").replace("__", "-")
+            for name in everything
+            if name.startswith("auth_")
+        },
+        {name.removeprefix("handle_") for name in hooks if name.startswith("handle_")},
+    )
+
+
+@given(
+    pieces=st.lists(_DATA_ALPHABET, max_size=60),
+    cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=12),
+)
+def test_inbound_data_reader_never_takes_the_next_command(
+    pieces: list[bytes], cuts: list[int]
+) -> None:
+    stream = b"".join(pieces) + b"\r\n.\r\n"
+    expected = _reference_unstuff(stream + b"QUIT\r\n")
+    assert expected is not None
+
+    async def read() -> tuple[bytes, int, bytes]:
+        # A tiny limit makes the reader hand over data in many small blocks.
+        reader = asyncio.StreamReader(limit=8)
+        whole = stream + b"QUIT\r\n"
+        bounds = [0, *sorted({cut % (len(whole) + 1) for cut in cuts}), len(whole)]
+
+        async def feed() -> None:
+            for start, end in itertools.pairwise(bounds):
+                reader.feed_data(whole[start:end])
+                await asyncio.sleep(0)
+            reader.feed_eof()
+
+        feeder = asyncio.create_task(feed())
+        unstuffer = DataUnstuffer()
+        output = bytearray()
+        tail = b"\r\n"
+        taken = 0
+        while not unstuffer.done:
+            block = await read_data_block(reader, tail)
+            taken += len(block)
+            tail = (tail + block)[-4:]
+            output += unstuffer.feed(block)[0]
+        await feeder
+        return bytes(output), taken, await reader.read()
+
+    message, taken, rest = asyncio.run(read())
+    after = (stream + b"QUIT\r\n")[expected[1] :]
+    assert (message, taken, rest) == (expected[0], expected[1], after)

@@ -373,3 +373,19 @@ def test_limits_send_as_keeps_a_reply_to_the_service_chose() -> None:
 def test_limits_send_as_leaves_the_mailbox_own_from_alone() -> None:
     head = f"From: Relay\r\n <{MAILBOX.upper()}>\r\n\r\nbody\r\n".encode()
     assert rewrite_from_header(head, mailbox=MAILBOX) == head
+
+
+async def test_limits_pass_through_splits_recipients_too(
+    pki: SandboxPKI, start_relay: RelayFactory
+) -> None:
+    exchange = await _limited_exchange(pki, max_recipients_per_message=2)
+    try:
+        relay = await start_relay(basic_settings(exchange.port, email_type="native"))
+        recipients = [f"user{number}@contoso.test" for number in range(5)]
+        code, _ = await send_mail_async(relay.port, recipients=recipients)
+        assert (code, [m.rcpt_tos for m in exchange.messages]) == (
+            250,
+            [recipients[0:2], recipients[2:4], recipients[4:5]],
+        )
+    finally:
+        await exchange.stop()
