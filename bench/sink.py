@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -25,7 +26,7 @@ from relay.sandbox import exchange as sandbox
 from relay.sandbox.certs import SandboxPKI
 
 MAILBOX = "relay@contoso.test"
-PASSWORD = "bench-password-not-secret"
+PASSWORD = "bench-password-not-secret"  # noqa: S105 (a loopback sink's fixed password)
 _STATUS_INTERVAL = 0.05
 
 
@@ -108,10 +109,8 @@ async def main() -> None:
             )
         )
         os.replace(temporary, status_file)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=_STATUS_INTERVAL)
-        except TimeoutError:
-            pass
     await server.stop()
 
 

@@ -164,15 +164,18 @@ class RelayApp:
         """Finish a sign-in from its redirect; a held queue goes on at once.
 
         A failure is written as an oauth row and raised again for the caller to
-        show SIGN_IN_FAILED_TEXT.
+        show SIGN_IN_FAILED_TEXT. A redirect that belongs to no pending sign-in
+        writes no row: the callback is reachable without the admin token, and
+        anyone could otherwise fill the Mail Server Logs tab.
         """
         settings = self.settings.current
         try:
             result = await self.tokens.manager().complete_sign_in(redirect)
         except RelayError as error:
-            await asyncio.to_thread(
-                self._recorder.record_error, error, settings=settings
-            )
+            if not (isinstance(error, OAuthError) and error.error == "state_mismatch"):
+                await asyncio.to_thread(
+                    self._recorder.record_error, error, settings=settings
+                )
             raise
         return await self._signed_in(result, settings)
 

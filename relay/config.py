@@ -341,6 +341,14 @@ def _validate_daemon_config(config: DaemonConfig) -> None:
         raise ConfigError("listen.max_message_size", "must be at least 1024 bytes")
     if listen.max_recipients < 1:
         raise ConfigError("listen.max_recipients", "must be at least 1")
+    if listen.max_connections < 1:
+        raise ConfigError("listen.max_connections", "must be at least 1")
+    if listen.idle_timeout <= 0:
+        raise ConfigError("listen.idle_timeout", "must be positive")
+    if config.delivery.poll_interval <= 0:
+        raise ConfigError("delivery.poll_interval", "must be positive")
+    if config.delivery.connection_reuse_seconds < 0:
+        raise ConfigError("delivery.connection_reuse_seconds", "must not be negative")
     if listen.auth_required and listen.auth_credentials_file is None:
         # Without credentials nobody can authenticate: every MAIL would get 530.
         raise ConfigError(

@@ -902,8 +902,10 @@ def _reply_for_failure(error: RelayError) -> str:
         Disposition.FAIL_MESSAGE,
         Disposition.FAIL_RECIPIENT,
     ):
-        enhanced = error.enhanced_code or "5.0.0"
-        return f"{error.reply_code} {enhanced} {_short(error.reply_text)}"
+        if error.enhanced_code is not None:
+            # The upstream's text already opens with its enhanced status code.
+            return f"{error.reply_code} {_short(error.reply_text)}"
+        return f"{error.reply_code} 5.0.0 {_short(error.reply_text)}"
     # Our own credentials or the upstream's availability are never the client's
     # fault: it should keep the message and try again.
     return (

@@ -92,7 +92,8 @@ def _send(port: int, message: EmailMessage, *, recipients: list[str]) -> str:
 async def run_demo(*, keep: bool = False) -> int:
     """Run the whole demo; returns the process exit code."""
     started = time.monotonic()
-    configure_logging(level="warning", stream=sys.stderr)
+    # The demo tells its own story; the relay's events would only interleave.
+    configure_logging(level="critical", stream=sys.stderr)
     directory = Path(tempfile.mkdtemp(prefix="epp-mail-relay-demo-"))
     try:
         return await _run(directory, started)

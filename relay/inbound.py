@@ -17,12 +17,13 @@ import ipaddress
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
@@ -156,6 +157,8 @@ class IncomingBody:
     def _move_to_file(self) -> None:
         path = self._sink.new_body_file()
         if path is None:
+            # The sink keeps bodies in memory (pass-through): stop asking.
+            self._memory_limit = sys.maxsize
             return
         self._path = path
         # Written from the event loop: the page cache takes a block in
@@ -394,20 +397,14 @@ class RelaySMTP(SMTP):
             # Refuse before aiosmtpd starts a session: no greeting, no parsing.
             self._refused = True
             log.warning("inbound_peer_refused", peer=_peer_host(peer))
-            if isinstance(transport, asyncio.WriteTransport):
-                transport.write(
-                    b"554 5.7.1 Access denied: your address is not allowed\r\n"
-                )
-            transport.close()
+            _refuse(transport, b"554 5.7.1 Access denied: your address is not allowed")
             return
         if (
             self._original_transport is None
             and len(self._connections) >= self._max_connections
         ):
             self._refused = True
-            if isinstance(transport, asyncio.WriteTransport):
-                transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
-            transport.close()
+            _refuse(transport, b"421 4.7.0 Too many connections, try again later")
             return
         self._connections.add(self)
         super().connection_made(transport)
@@ -421,8 +418,12 @@ class RelaySMTP(SMTP):
     def eof_received(self) -> bool | None:
         if self._refused:
             return False
-        result: bool | None = super().eof_received()
-        return result
+        super().eof_received()
+        # The session ends with the client's EOF: aiosmtpd cancels the handler,
+        # whose cleanup closes the connection. A handler cancelled before its
+        # first step (uvloop reports EOF that early) never runs it, and the
+        # connection would hold its slot until the idle timeout; so close now.
+        return False
 
     def _peer_allowed(self, peer: Any) -> bool:
         host = _peer_host(peer)
@@ -593,6 +594,14 @@ def _terminator_started(tail: bytes) -> int:
         if tail.endswith(TERMINATOR[:length]):
             return length
     return 0
+
+
+def _refuse(transport: asyncio.BaseTransport, reply: bytes) -> None:
+    """Answer a connection that gets no session, and hang up."""
+    # uvloop's transports write like asyncio's but do not subclass its
+    # WriteTransport, so an isinstance() check would silently drop the reply.
+    cast(asyncio.WriteTransport, transport).write(reply + b"\r\n")
+    transport.close()
 
 
 def _with_enhanced_code(status: str) -> str:

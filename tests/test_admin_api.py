@@ -568,6 +568,20 @@ async def test_admin_api_oauth_callback_refuses_a_state_it_did_not_hand_out(
     assert (answer.status, SIGN_IN_FAILED_TEXT in answer.text) == (400, True)
 
 
+async def test_admin_api_oauth_callback_with_a_foreign_state_writes_no_row(
+    oauth_exchange: SandboxExchange,
+    entra: SandboxEntra,
+    pki: SandboxPKI,
+    start_relay: RelayFactory,
+) -> None:
+    relay, admin = await oauth_relay(oauth_exchange, entra, pki, start_relay)
+    for _ in range(3):
+        await admin.call(
+            "GET", "/oauth/callback?code=forged&state=forged", authenticated=False
+        )
+    assert relay.rows() == []
+
+
 async def test_admin_api_signin_complete_takes_the_pasted_redirect_url(
     oauth_exchange: SandboxExchange,
     entra: SandboxEntra,

@@ -115,3 +115,21 @@ async def test_delivery_reuses_one_connection_for_many_messages(
         await send_mail_async(relay.port)
     await exchange.wait_for_messages(5, timeout=20)
     assert exchange.sessions_authenticated == 1
+
+
+async def test_delivery_native_mode_passes_the_upstream_refusal_through_once(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    exchange.inject("rcpt", "550 5.1.1 User unknown; RecipientNotFound")
+    relay = await start_relay(basic_settings(exchange.port, email_type="native"))
+    code, reply = await send_mail_async(relay.port)
+    assert (code, reply) == (550, b"5.1.1 User unknown; RecipientNotFound")
+
+
+async def test_delivery_native_mode_answers_451_while_the_upstream_is_down(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(basic_settings(exchange.port, email_type="native"))
+    await exchange.stop()
+    code, reply = await send_mail_async(relay.port)
+    assert (code, reply[:5]) == (451, b"4.4.0")

@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib.util
 import re
 import signal
 import socket
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from aiosmtpd.smtp import Envelope, Session
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.config import ListenConfig, parse_daemon_config
+from relay.app import RelayApp
+from relay.config import ListenConfig, parse_daemon_config, write_mail_settings
 from relay.errors import (
     ConfigError,
     Disposition,
@@ -43,6 +47,7 @@ from tests.conftest import (
     INBOUND_PASSWORD,
     RelayFactory,
     basic_settings,
+    relay_config_dict,
     send_mail_async,
     wait_for,
 )
@@ -54,6 +59,8 @@ from tests.daemon_harness import (
     relaxed_limits,
     write_daemon_files,
 )
+
+_T = TypeVar("_T")
 
 # A reply line as the relay writes it: code, separator, enhanced code, text.
 _REPLY_WITH_ENHANCED_CODE = re.compile(rb"^(\d{3}) ([245])\.\d{1,3}\.\d{1,3} ")
@@ -456,6 +463,112 @@ async def test_hostile_input_1000_idle_connections_keep_memory_bounded(
         figures.peak_kib < 200 * 1024,
         code,
     ) == (1000, b"421 4.7.0", True, True, 250), figures
+
+
+# --- the same listener on both event loops the daemon may run on -------------------
+
+_EVENT_LOOPS = [
+    "asyncio",
+    pytest.param(
+        "uvloop",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed"
+        ),
+    ),
+]
+
+
+def _on_event_loop(name: str, scenario: Coroutine[Any, Any, _T]) -> _T:
+    """Run `scenario` on the named loop, as `epp-mail-relay serve` would."""
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.run(scenario)
+    return asyncio.run(scenario)
+
+
+async def _with_relay(
+    directory: Path,
+    pki: SandboxPKI,
+    listen: dict[str, Any],
+    client: Callable[[int], _T],
+) -> _T:
+    """Start a relay, run the blocking `client(port)`, stop the relay."""
+    raw = relay_config_dict(
+        directory, ca_file=pki.ca_file, overrides={"listen": listen}
+    )
+    config = parse_daemon_config(raw, base_dir=directory)
+    write_mail_settings(config.paths.settings_file, basic_settings(25))
+    app = RelayApp(config)
+    await app.start()
+    assert app.inbound.port is not None
+    try:
+        return await asyncio.to_thread(client, app.inbound.port)
+    finally:
+        await app.stop()
+
+
+@pytest.mark.parametrize("event_loop_name", _EVENT_LOOPS)
+def test_hostile_input_refused_connection_hears_why_on_every_event_loop(
+    pki: SandboxPKI, tmp_path: Path, event_loop_name: str
+) -> None:
+    # uvloop's transports are no asyncio.WriteTransport: the refusals used to be
+    # a silent hang-up there.
+    def refused(port: int) -> tuple[bytes, bytes]:
+        with conversation(port):
+            over_limit = _greeting_from("127.0.0.1", port)
+        outsider = _greeting_from("127.0.0.3", port)
+        return over_limit, outsider
+
+    over_limit, outsider = _on_event_loop(
+        event_loop_name,
+        _with_relay(
+            tmp_path,
+            pki,
+            {"max_connections": 1, "allowed_networks": ["127.0.0.1/32"]},
+            refused,
+        ),
+    )
+    assert (over_limit[:9], outsider[:9]) == (b"421 4.7.0", b"554 5.7.1")
+
+
+@pytest.mark.parametrize("event_loop_name", _EVENT_LOOPS)
+def test_hostile_input_connect_and_close_frees_its_slot_on_every_event_loop(
+    pki: SandboxPKI, tmp_path: Path, event_loop_name: str
+) -> None:
+    # Port probes (nc -z) used to hold a connection slot until the idle timeout
+    # on uvloop: 20 of them locked out every client of a 5-connection relay.
+    def probes(port: int) -> None:
+        for _ in range(20):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+    def clients(port: int) -> list[bytes]:
+        time.sleep(0.5)
+        held = [Conversation(port) for _ in range(5)]
+        try:
+            return [talk.greeting[:4] for talk in held]
+        finally:
+            for talk in held:
+                talk.close()
+
+    async def scenario() -> list[bytes]:
+        raw = relay_config_dict(
+            tmp_path, ca_file=pki.ca_file, overrides={"listen": {"max_connections": 5}}
+        )
+        config = parse_daemon_config(raw, base_dir=tmp_path)
+        write_mail_settings(config.paths.settings_file, basic_settings(25))
+        app = RelayApp(config)
+        await app.start()
+        assert app.inbound.port is not None
+        try:
+            # Blocking on purpose: the loop meets each connect and its close at once.
+            probes(app.inbound.port)
+            return await asyncio.to_thread(clients, app.inbound.port)
+        finally:
+            await app.stop()
+
+    greetings = _on_event_loop(event_loop_name, scenario())
+    assert greetings == [b"220 "] * 5
 
 
 # --- access: loopback peers only, no open relay, AUTH when required ----------------
