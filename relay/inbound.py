@@ -390,6 +390,9 @@ class RelaySMTP(SMTP):
         self._connections = connections
         self._max_connections = config.max_connections
         self._refused = False
+        self._receiving_data = False
+        self._bytes_received = 0
+        self._bytes_at_last_timeout = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -408,6 +411,20 @@ class RelaySMTP(SMTP):
             return
         self._connections.add(self)
         super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._bytes_received += len(data)
+        super().data_received(data)
+
+    def _timeout_cb(self) -> None:
+        # During DATA the body is read in blocks, and a slow client may send for
+        # a long while before a block is complete: it is not idle while bytes
+        # keep arriving.
+        if self._receiving_data and self._bytes_received != self._bytes_at_last_timeout:
+            self._bytes_at_last_timeout = self._bytes_received
+            self._reset_timeout()
+            return
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def connection_lost(self, error: Exception | None) -> None:
         self._connections.discard(self)
@@ -483,6 +500,8 @@ class RelaySMTP(SMTP):
         line_limit = getattr(self._reader, "_limit", None)
         if line_limit is not None:
             setattr(self._reader, "_limit", DATA_BLOCK_LIMIT)  # noqa: B010
+        self._receiving_data = True
+        self._bytes_at_last_timeout = self._bytes_received
         try:
             failure = await self._receive_data(body)
         except BaseException:
@@ -491,6 +510,7 @@ class RelaySMTP(SMTP):
                 self._writer.close()
             raise
         finally:
+            self._receiving_data = False
             if line_limit is not None:
                 setattr(self._reader, "_limit", line_limit)  # noqa: B010
 

@@ -7,6 +7,7 @@ import base64
 import itertools
 import re
 import socket
+import time
 from pathlib import Path
 
 from hypothesis import given
@@ -508,3 +509,34 @@ def test_inbound_data_reader_never_takes_the_next_command(
     message, taken, rest = asyncio.run(read())
     after = (stream + b"QUIT\r\n")[expected[1] :]
     assert (message, taken, rest) == (expected[0], expected[1], after)
+
+
+def _trickle_data(port: int, *, lines: int, pause: float) -> bytes:
+    """A slow legacy client: one short DATA line every `pause` seconds."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        stream = sock.makefile("rb")
+        _read_reply(stream)
+        for command in (
+            b"EHLO slow\r\n",
+            b"MAIL FROM:<relay@contoso.test>\r\n",
+            b"RCPT TO:<ops@contoso.test>\r\n",
+            b"DATA\r\n",
+        ):
+            sock.sendall(command)
+            _read_reply(stream)
+        sock.sendall(b"Subject: slow\r\n\r\n")
+        for number in range(lines):
+            time.sleep(pause)
+            sock.sendall(f"line {number}\r\n".encode())
+        sock.sendall(b".\r\n")
+        return _read_reply(stream)
+
+
+async def test_inbound_slow_sender_in_data_is_not_cut_off_as_idle(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(
+        basic_settings(exchange.port), overrides={"listen": {"idle_timeout": 1.0}}
+    )
+    reply = await asyncio.to_thread(_trickle_data, relay.port, lines=8, pause=0.4)
+    assert reply.startswith(b"250 ")
