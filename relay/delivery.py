@@ -25,6 +25,7 @@ import structlog
 
 from relay.config import DaemonConfig, MailSettings, SettingsStore
 from relay.errors import (
+    Category,
     Disposition,
     LimitReachedError,
     RelayError,
@@ -43,6 +44,10 @@ log = structlog.get_logger(__name__)
 
 # An upstream session unused for this long is closed; Exchange drops idle ones.
 IDLE_SESSION_SECONDS = 30.0
+# Failures of reaching the server at all, as opposed to its replies.
+_UNREACHABLE_CATEGORIES = frozenset(
+    {Category.DNS, Category.TIMEOUT, Category.CONNECTION, Category.TLS}
+)
 # At shutdown, messages being sent get this long to finish before they are cut off.
 STOP_GRACE_SECONDS = 10.0
 # How often an idle worker looks whether its session should close.
@@ -113,6 +118,8 @@ class DeliveryService:
         # The mailbox whose session slot each open session holds.
         self._session_slots: dict[UpstreamSession, MailboxLimiter] = {}
         self._in_flight: dict[str, QueuedMessage] = {}
+        # After a DNS, connect or TLS failure nothing is claimed until this time.
+        self._upstream_unreachable_until = 0.0
         # Messages the spool refused to defer (a full disk): still SENDING on
         # disk, so nothing would claim them again before a restart.
         self._stranded: dict[str, QueuedMessage] = {}
@@ -136,6 +143,7 @@ class DeliveryService:
 
     async def release_hold(self) -> int:
         """Put every held message back in the queue and resume sending."""
+        self._upstream_unreachable_until = 0.0
         self.held = False
         self.hold_reason = None
         released = await self._spool.release_held(now=self._clock())
@@ -185,6 +193,8 @@ class DeliveryService:
             return
         if self._mailbox_blocked_until():
             await self._report_spent_budget()
+            return
+        if self._upstream_unreachable_until > self._clock():
             return
         claimed = await self._spool.claim_due(limit=free)
         for message in claimed:
@@ -242,8 +252,10 @@ class DeliveryService:
         no_worker_free = self._free_slots() <= 0
         if self.held or no_worker_free:
             return poll
-        blocked_until = self._mailbox_blocked_until()
-        if blocked_until:
+        blocked_until = max(
+            self._mailbox_blocked_until(), self._upstream_unreachable_until
+        )
+        if blocked_until > self._clock():
             return max(0.0, min(poll, blocked_until - self._clock()))
         if not self._queue_maybe_drained:
             return poll
@@ -548,6 +560,7 @@ class DeliveryService:
             )
             if outcome.accepted:
                 self._metrics.messages_delivered.inc()
+                self._upstream_unreachable_until = 0.0
             if remaining is not None and remaining.state is MessageState.FAILED:
                 self._metrics.messages_failed.inc()
             for recipient, error in outcome.refused.items():
@@ -687,6 +700,12 @@ class DeliveryService:
         await self._spool.defer(
             message.queue_id, next_attempt_at=now + delay, error=error.message
         )
+        if error.category in _UNREACHABLE_CATEGORIES:
+            # The server, not this message, is the trouble: the rest of the queue
+            # waits as long instead of each message knocking on its own schedule.
+            self._upstream_unreachable_until = max(
+                self._upstream_unreachable_until, now + delay
+            )
         self._metrics.messages_deferred.inc()
         await self._record(error, settings, message.queue_id)
 

@@ -133,3 +133,22 @@ async def test_delivery_native_mode_answers_451_while_the_upstream_is_down(
     await exchange.stop()
     code, reply = await send_mail_async(relay.port)
     assert (code, reply[:5]) == (451, b"4.4.0")
+
+
+async def test_delivery_unreachable_server_is_tried_by_few_not_by_every_message(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    exchange.drop_at("greeting")
+    relay = await start_relay(
+        basic_settings(exchange.port),
+        overrides={"retry": {"initial_delay": 0.5, "max_delay": 0.5, "jitter": 0.0}},
+    )
+    for number in range(20):
+        await send_mail_async(
+            relay.port, body=f"Subject: o{number}\r\n\r\nx\r\n".encode()
+        )
+    await asyncio.sleep(2.0)
+    attempts_while_down = exchange.connections_accepted
+    exchange.clear_faults()
+    await exchange.wait_for_messages(20, timeout=30)
+    assert attempts_while_down < 30
