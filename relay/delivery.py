@@ -560,7 +560,10 @@ class DeliveryService:
             )
             if outcome.accepted:
                 self._metrics.messages_delivered.inc()
+                # Mail flows again: the status line stops showing an old trouble
+                # (the Mail Server Logs tab keeps its history).
                 self._upstream_unreachable_until = 0.0
+                self.last_error = None
             if remaining is not None and remaining.state is MessageState.FAILED:
                 self._metrics.messages_failed.inc()
             for recipient, error in outcome.refused.items():
