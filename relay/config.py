@@ -45,6 +45,9 @@ class ListenConfig:
     max_message_size: int = 35 * 1024 * 1024
     max_recipients: int = 1000
     idle_timeout: float = 300.0
+    # During DATA a client is idle when, over one idle_timeout, it sent fewer bytes
+    # than this rate asks for: a slow trickle cannot hold a connection for good.
+    min_data_rate: float = 256.0
     max_connections: int = 200
     # Optional AUTH for legacy clients that insist on it; see the README.
     auth_credentials_file: Path | None = None
@@ -345,6 +348,8 @@ def _validate_daemon_config(config: DaemonConfig) -> None:
         raise ConfigError("listen.max_connections", "must be at least 1")
     if listen.idle_timeout <= 0:
         raise ConfigError("listen.idle_timeout", "must be positive")
+    if listen.min_data_rate < 0:
+        raise ConfigError("listen.min_data_rate", "must not be negative")
     if config.delivery.poll_interval <= 0:
         raise ConfigError("delivery.poll_interval", "must be positive")
     if config.delivery.connection_reuse_seconds < 0:

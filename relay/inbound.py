@@ -391,6 +391,7 @@ class RelaySMTP(SMTP):
         self._max_connections = config.max_connections
         self._refused = False
         self._receiving_data = False
+        self._min_data_bytes = config.min_data_rate * config.idle_timeout
         self._bytes_received = 0
         self._bytes_at_last_timeout = 0
 
@@ -418,9 +419,10 @@ class RelaySMTP(SMTP):
 
     def _timeout_cb(self) -> None:
         # During DATA the body is read in blocks, and a slow client may send for
-        # a long while before a block is complete: it is not idle while bytes
-        # keep arriving.
-        if self._receiving_data and self._bytes_received != self._bytes_at_last_timeout:
+        # a long while before a block is complete: it is not idle while it keeps
+        # up the minimum rate, but a trickle of a byte now and then is.
+        received = self._bytes_received - self._bytes_at_last_timeout
+        if self._receiving_data and received > 0 and received >= self._min_data_bytes:
             self._bytes_at_last_timeout = self._bytes_received
             self._reset_timeout()
             return

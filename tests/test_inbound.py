@@ -527,7 +527,7 @@ def _trickle_data(port: int, *, lines: int, pause: float) -> bytes:
         sock.sendall(b"Subject: slow\r\n\r\n")
         for number in range(lines):
             time.sleep(pause)
-            sock.sendall(f"line {number}\r\n".encode())
+            sock.sendall(f"line {number:<94}\r\n".encode())
         sock.sendall(b".\r\n")
         return _read_reply(stream)
 
@@ -538,5 +538,6 @@ async def test_inbound_slow_sender_in_data_is_not_cut_off_as_idle(
     relay = await start_relay(
         basic_settings(exchange.port), overrides={"listen": {"idle_timeout": 1.0}}
     )
-    reply = await asyncio.to_thread(_trickle_data, relay.port, lines=8, pause=0.4)
+    # 100 bytes every 0.3 s: slow, but above the minimum DATA rate (256 B/s).
+    reply = await asyncio.to_thread(_trickle_data, relay.port, lines=10, pause=0.3)
     assert reply.startswith(b"250 ")
