@@ -29,29 +29,7 @@ from tests.conftest import (
     send_mail_async,
     wait_for,
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _toml(raw: dict[str, dict[str, Any]]) -> str:
-    def value(item: Any) -> str:
-        if isinstance(item, bool):
-            return "true" if item else "false"
-        if isinstance(item, int | float):
-            return repr(item)
-        if isinstance(item, list):
-            return "[" + ", ".join(value(v) for v in item) + "]"
-        return '"' + str(item).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-    lines = []
-    for section, values in raw.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {value(item)}" for key, item in values.items()]
-    return "\n".join(lines) + "\n"
+from tests.daemon_harness import free_port, toml_text
 
 
 class Daemon:
@@ -96,11 +74,11 @@ def daemon_factory(tmp_path: Path, pki: SandboxPKI) -> Iterator[Any]:
     daemons: list[Daemon] = []
 
     def factory(exchange_port: int, **overrides: dict[str, Any]) -> Daemon:
-        port = _free_port()
+        port = free_port()
         raw = relay_config_dict(tmp_path, ca_file=pki.ca_file, overrides=overrides)
         raw["listen"]["port"] = port
         config_path = tmp_path / "relay.toml"
-        config_path.write_text(_toml(raw))
+        config_path.write_text(toml_text(raw))
         assert tomllib.loads(config_path.read_text())["listen"]["port"] == port
         write_mail_settings(
             tmp_path / "mail-settings.json", basic_settings(exchange_port)

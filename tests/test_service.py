@@ -44,6 +44,7 @@ from tests.conftest import (
     send_mail_async,
     wait_for,
 )
+from tests.daemon_harness import free_port, toml_text
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 UNIT_FILE = REPOSITORY / "systemd" / "epp-mail-relay.service"
@@ -55,29 +56,6 @@ EXPOSURE_THRESHOLD = 30
 
 
 # -- helpers -----------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _toml(raw: dict[str, dict[str, Any]]) -> str:
-    def value(item: Any) -> str:
-        if isinstance(item, bool):
-            return "true" if item else "false"
-        if isinstance(item, int | float):
-            return repr(item)
-        if isinstance(item, list):
-            return "[" + ", ".join(value(v) for v in item) + "]"
-        return '"' + str(item).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-    lines = []
-    for section, values in raw.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {value(item)}" for key, item in values.items()]
-    return "\n".join(lines) + "\n"
 
 
 class NotifySocket:
@@ -129,7 +107,7 @@ class ServiceDaemon:
         return Path(self.raw["paths"]["log_file"])
 
     def write_config(self) -> None:
-        self.config_path.write_text(_toml(self.raw))
+        self.config_path.write_text(toml_text(self.raw))
 
     def start(self, *, environment: dict[str, str] | None = None) -> None:
         env = {
@@ -192,7 +170,7 @@ def service_daemon(tmp_path: Path, pki: SandboxPKI) -> Iterator[DaemonFactory]:
         directory = tmp_path / f"daemon{len(daemons)}"
         directory.mkdir()
         raw = relay_config_dict(directory, ca_file=pki.ca_file, overrides=overrides)
-        raw["listen"]["port"] = _free_port()
+        raw["listen"]["port"] = free_port()
         write_mail_settings(
             directory / "mail-settings.json", basic_settings(exchange_port)
         )
@@ -501,7 +479,7 @@ async def test_service_startup_refuses_a_busy_port(
 async def test_service_startup_refuses_a_busy_admin_port(
     exchange: SandboxExchange, service_daemon: DaemonFactory
 ) -> None:
-    admin_port = _free_port()
+    admin_port = free_port()
     daemon = service_daemon(exchange.port, admin={"port": admin_port})
     with socket.socket() as occupant:
         occupant.bind(("127.0.0.1", admin_port))
