@@ -99,6 +99,8 @@ class DeliveryConfig:
     # An upstream connection older than this is not reused: a new one picks up a
     # fresh access token and any change on the server side.
     connection_reuse_seconds: float = 300.0
+    # Send the administrator e-mail a notice when a message fails for good.
+    failure_notice: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

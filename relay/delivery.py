@@ -18,6 +18,8 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import format_datetime, make_msgid
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -69,6 +71,46 @@ class ErrorRecorder(Protocol):
         queue_id: str | None = None,
         recipient: str | None = None,
     ) -> bool: ...
+
+
+# The client address recorded for the relay's own failure notices.
+FAILURE_NOTICE_CLIENT = "epp-mail-relay"
+
+
+def failure_notice_body(
+    message: QueuedMessage, reasons: list[str], *, sender: str, to: str
+) -> bytes:
+    """A plain-text notice that a message could not be delivered (never its body)."""
+    when = format_datetime(datetime.fromtimestamp(message.queued_at, UTC))
+    lines = [
+        f"From: Mail relay <{sender}>",
+        f"To: <{to}>",
+        f"Subject: Undelivered mail: queue id {message.queue_id}",
+        f"Date: {format_datetime(datetime.now(UTC))}",
+        f"Message-ID: {make_msgid(domain='epp-mail-relay.invalid')}",
+        "Auto-Submitted: auto-generated",
+        "MIME-Version: 1.0",
+        "Content-Type: text/plain; charset=utf-8",
+        "Content-Transfer-Encoding: 8bit",
+        "",
+        "The mail relay could not deliver a message and has stopped trying.",
+        "",
+        f"Queue id:   {message.queue_id}",
+        f"Accepted:   {when}",
+        f"Sender:     <{message.mail_from}>",
+        f"Recipients: {', '.join(message.recipients)}",
+        "",
+        "Reason:",
+        *[f"  {_one_line(reason)}" for reason in reasons],
+        "",
+        "The Mail Server Logs tab has the details.",
+        "",
+    ]
+    return "\r\n".join(lines).encode("utf-8")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:500]
 
 
 def retry_delay(
@@ -570,6 +612,9 @@ class DeliveryService:
                 await self._record(
                     error, settings, message.queue_id, recipient=recipient
                 )
+            if outcome.refused:
+                reasons = [f"{r}: {e.message}" for r, e in outcome.refused.items()]
+                await self._notify_administrator(message, reasons, settings)
 
         if remaining is not None and remaining.recipients:
             await self._put_off(remaining, outcome, settings, limiter)
@@ -671,8 +716,39 @@ class DeliveryService:
             await self._spool.fail(message.queue_id, error=error.message)
             self._metrics.messages_failed.inc()
             await self._record(error, settings, message.queue_id)
+            await self._notify_administrator(message, [error.message], settings)
             return
         await self._defer(message, error, settings)
+
+    async def _notify_administrator(
+        self, message: QueuedMessage, reasons: list[str], settings: MailSettings
+    ) -> None:
+        """Queue a failure notice to the administrator e-mail, when configured.
+
+        A notice about a notice is never sent, so a broken administrator address
+        cannot start a loop; the failure is in the Mail Server Logs either way.
+        """
+        if not self._config.delivery.failure_notice or not settings.admin_email:
+            return
+        if message.client_address == FAILURE_NOTICE_CLIENT:
+            return
+        body = failure_notice_body(
+            message, reasons, sender=settings.username, to=settings.admin_email
+        )
+        try:
+            queue_id = await self._spool.store(
+                mail_from=settings.username,
+                recipients=[settings.admin_email],
+                body=body,
+                smtputf8=False,
+                body_8bit=any(byte >= 0x80 for byte in body),
+                client_address=FAILURE_NOTICE_CLIENT,
+            )
+        except RelayError as error:
+            log.error("failure_notice_not_queued", error=error.message)
+            return
+        log.info("failure_notice_queued", queue_id=queue_id, about=message.queue_id)
+        self.wake()
 
     async def _defer(
         self, message: QueuedMessage, error: RelayError, settings: MailSettings
@@ -690,6 +766,7 @@ class DeliveryService:
             gave_up.category = error.category
             await self._spool.fail(message.queue_id, error=gave_up.message)
             self._metrics.messages_failed.inc()
+            await self._notify_administrator(message, [gave_up.message], settings)
             await self._record(gave_up, settings, message.queue_id)
             return
 

@@ -152,3 +152,43 @@ async def test_delivery_unreachable_server_is_tried_by_few_not_by_every_message(
     exchange.clear_faults()
     await exchange.wait_for_messages(20, timeout=30)
     assert attempts_while_down < 30
+
+
+async def test_delivery_failure_notice_goes_to_the_administrator_when_configured(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    exchange.inject("rcpt", "550 5.1.1 User unknown", match="gone@contoso.test")
+    relay = await start_relay(
+        basic_settings(exchange.port), overrides={"delivery": {"failure_notice": True}}
+    )
+    await send_mail_async(
+        relay.port,
+        recipients=["ops@contoso.test", "gone@contoso.test"],
+        body=b"Subject: secret report\r\n\r\nbody text stays private\r\n",
+    )
+    received = await exchange.wait_for_messages(2, timeout=15)
+    notice = next(m for m in received if m.rcpt_tos == ["admin@contoso.test"])
+    assert (
+        b"gone@contoso.test: 550 5.1.1 User unknown" in notice.data,
+        b"body text stays private" in notice.data,
+        notice.mail_from,
+    ) == (True, False, "relay@contoso.test")
+
+
+async def test_delivery_failure_notice_is_never_sent_about_a_notice(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    exchange.inject("rcpt", "550 5.1.1 User unknown", match="gone@contoso.test")
+    exchange.inject("rcpt", "550 5.1.1 User unknown", match="admin@contoso.test")
+    relay = await start_relay(
+        basic_settings(exchange.port), overrides={"delivery": {"failure_notice": True}}
+    )
+    await send_mail_async(relay.port, recipients=["gone@contoso.test"])
+    await wait_for(lambda: len(relay.rows()) == 2)
+    await asyncio.sleep(1.0)
+    counts = await relay.app.spool.counts_by_state()
+    assert (
+        sorted(r["recipient"] for r in relay.rows()),
+        counts.get("failed", 0),
+        sum(counts.values()),
+    ) == (["admin@contoso.test", "gone@contoso.test"], 2, 2)
