@@ -14,15 +14,9 @@ the queue to drain and counts the messages at the sandbox by Message-ID: lost
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import dataclasses
-import json
 import sys
-import tempfile
-from pathlib import Path
 
-from relay.sandbox.certs import SandboxPKI
+from bench.soak_common import add_output_arguments, run_soak
 from tests.daemon_harness import run_crash_campaign
 
 
@@ -34,36 +28,23 @@ def main() -> int:
     parser.add_argument("--max-uptime", type=float, default=0.8)
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--seed", type=int, default=6)
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    parser.add_argument(
-        "--keep", type=Path, help="work in this new directory and keep it afterwards"
-    )
+    add_output_arguments(parser)
     arguments = parser.parse_args()
 
-    with contextlib.ExitStack() as stack:
-        if arguments.keep:
-            arguments.keep.mkdir(parents=True)
-            directory = arguments.keep
-        else:
-            directory = Path(
-                stack.enter_context(tempfile.TemporaryDirectory(prefix="soak-crash-"))
-            )
-        report = asyncio.run(
-            run_crash_campaign(
-                directory / "relay",
-                pki=SandboxPKI.create(directory / "pki"),
-                kills=arguments.kills,
-                min_uptime=arguments.min_uptime,
-                max_uptime=arguments.max_uptime,
-                clients=arguments.clients,
-                seed=arguments.seed,
-                max_seconds=arguments.max_seconds,
-            )
-        )
-    print(report.summary())
-    if arguments.json:
-        arguments.json.write_text(json.dumps(dataclasses.asdict(report), indent=2))
-    return 1 if report.lost else 0
+    return run_soak(
+        arguments,
+        prefix="soak-crash-",
+        campaign=lambda relay_directory, pki: run_crash_campaign(
+            relay_directory,
+            pki=pki,
+            kills=arguments.kills,
+            min_uptime=arguments.min_uptime,
+            max_uptime=arguments.max_uptime,
+            clients=arguments.clients,
+            seed=arguments.seed,
+            max_seconds=arguments.max_seconds,
+        ),
+    )
 
 
 if __name__ == "__main__":

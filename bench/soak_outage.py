@@ -13,15 +13,9 @@ duplicated messages and the number of error rows written. Bounded by --outages
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import dataclasses
-import json
 import sys
-import tempfile
-from pathlib import Path
 
-from relay.sandbox.certs import SandboxPKI
+from bench.soak_common import add_output_arguments, run_soak
 from tests.daemon_harness import run_outage_campaign
 
 
@@ -36,34 +30,21 @@ def main() -> int:
         default=20.0,
         help="give up draining after this many seconds without a delivery",
     )
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    parser.add_argument(
-        "--keep", type=Path, help="work in this new directory and keep it afterwards"
-    )
+    add_output_arguments(parser)
     arguments = parser.parse_args()
 
-    with contextlib.ExitStack() as stack:
-        if arguments.keep:
-            arguments.keep.mkdir(parents=True)
-            directory = arguments.keep
-        else:
-            directory = Path(
-                stack.enter_context(tempfile.TemporaryDirectory(prefix="soak-outage-"))
-            )
-        report = asyncio.run(
-            run_outage_campaign(
-                directory / "relay",
-                pki=SandboxPKI.create(directory / "pki"),
-                outages=arguments.outages,
-                clients=arguments.clients,
-                seed=arguments.seed,
-                drain_stall_seconds=arguments.drain_stall,
-            )
-        )
-    print(report.summary())
-    if arguments.json:
-        arguments.json.write_text(json.dumps(dataclasses.asdict(report), indent=2))
-    return 1 if report.lost else 0
+    return run_soak(
+        arguments,
+        prefix="soak-outage-",
+        campaign=lambda relay_directory, pki: run_outage_campaign(
+            relay_directory,
+            pki=pki,
+            outages=arguments.outages,
+            clients=arguments.clients,
+            seed=arguments.seed,
+            drain_stall_seconds=arguments.drain_stall,
+        ),
+    )
 
 
 if __name__ == "__main__":
