@@ -840,6 +840,9 @@ class SpoolingSink(MessageSink):
         # On the spool's own file system, so that storing it is a rename.
         return self._spool.new_temp_file()
 
+    def has_room_for(self, size: int) -> bool:
+        return self._spool.has_room_for(size)
+
     async def accept(
         self,
         *,
@@ -1033,6 +1036,9 @@ class ModeSwitchingSink(MessageSink):
 
     def new_body_file(self) -> Path | None:
         return self._current_sink().new_body_file()
+
+    def has_room_for(self, size: int) -> bool:
+        return self._current_sink().has_room_for(size)
 
     def _current_sink(self) -> MessageSink:
         if self._settings.current.email_type == "native":

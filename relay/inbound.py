@@ -104,6 +104,10 @@ class MessageSink:
         """
         return None
 
+    def has_room_for(self, size: int) -> bool:
+        """Whether a message of `size` bytes can be taken now (RFC 1870 SIZE)."""
+        return True
+
     async def accept(
         self,
         *,
@@ -259,6 +263,11 @@ class RelayHandler:
             return "553 5.1.7 The sender address is not valid"
         else:
             envelope.mail_from = address
+        # Say "no room" before the client sends the body, not after (RFC 1870
+        # section 6.1: 452 when the size is acceptable but space is short now).
+        if not self._sink.has_room_for(_declared_size(mail_options)):
+            envelope.mail_from = None
+            return STORAGE_FULL_REPLY
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Sender OK"
 
@@ -334,6 +343,15 @@ setattr(  # noqa: B010
 
 def _auth_on(server: SMTP) -> bool:
     return bool(getattr(server, "relay_auth_enabled", False))
+
+
+def _declared_size(mail_options: list[str]) -> int:
+    """The SIZE= a client declared at MAIL (0 when it declared none)."""
+    for option in mail_options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return 0
 
 
 def _valid_address(address: str, *, utf8: bool) -> bool:

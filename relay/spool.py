@@ -529,6 +529,14 @@ class Spool:
             raise
         return queue_id, size
 
+    def has_room_for(self, incoming_bytes: int) -> bool:
+        """Whether a message this large would still leave the free-space floor."""
+        try:
+            self._check_free_space(incoming_bytes)
+        except SpoolFullError:
+            return False
+        return True
+
     def _check_free_space(self, incoming_bytes: int) -> None:
         usage = os.statvfs(self._tmp_dir)
         free_bytes = usage.f_bavail * usage.f_frsize

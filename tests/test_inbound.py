@@ -6,6 +6,7 @@ import asyncio
 import base64
 import itertools
 import re
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -190,13 +191,36 @@ async def test_inbound_spool_failure_is_answered_451_not_500(
     assert (code, reply[:5]) == (451, b"4.3.0")
 
 
-async def test_inbound_full_spool_is_answered_452_431(
+async def test_inbound_full_spool_is_answered_452_431_already_at_mail(
     exchange: SandboxExchange, start_relay: RelayFactory
 ) -> None:
     relay = await start_relay(basic_settings(exchange.port))
     relay.app.spool._min_free_bytes = 1 << 62  # a floor no file system can meet
-    code, reply = await send_mail_async(relay.port)
-    assert (code, reply[:5]) == (452, b"4.3.1")
+    replies = await asyncio.to_thread(
+        _dialogue,
+        relay.port,
+        [b"EHLO legacy\r\n", b"MAIL FROM:<relay@contoso.test> SIZE=2000\r\n"],
+    )
+    assert replies[-1].startswith(b"452 4.3.1 ")
+
+
+async def test_inbound_declared_size_beyond_the_free_space_is_put_off_at_mail(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(basic_settings(exchange.port))
+    free = shutil.disk_usage(relay.app.spool.directory).free
+    relay.app.spool._min_free_bytes = max(0, free - 10_000_000)
+    replies = await asyncio.to_thread(
+        _dialogue,
+        relay.port,
+        [
+            b"EHLO legacy\r\n",
+            b"MAIL FROM:<relay@contoso.test> SIZE=1000\r\n",
+            b"RSET\r\n",
+            b"MAIL FROM:<relay@contoso.test> SIZE=30000000\r\n",
+        ],
+    )
+    assert (replies[2][:3], replies[4][:9]) == (b"250", b"452 4.3.1")
 
 
 async def test_inbound_too_many_recipients_get_452_453(

@@ -174,7 +174,14 @@ async def test_reliability_spool_floor_from_the_config_refuses_with_452(
         basic_settings(exchange.port),
         overrides={"paths": {"spool_min_free_bytes": 1 << 62}},
     )
-    code, reply = await send_mail_async(relay.port)
+
+    def mail_reply() -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as client:
+            client.ehlo("legacy.local")
+            return client.mail(MAILBOX)
+
+    # Already at MAIL, before the client spends time on the body.
+    code, reply = await asyncio.to_thread(mail_reply)
     counts = await relay.app.spool.counts_by_state()
     assert (code, reply[:5], sum(counts.values())) == (452, b"4.3.1", 0)
 
