@@ -18,6 +18,7 @@ import pytest
 from relay.app import RelayApp
 from relay.config import MailSettings, parse_daemon_config, write_mail_settings
 from relay.sandbox.certs import SandboxPKI
+from relay.sandbox.entra import SandboxEntra
 from relay.sandbox.exchange import SandboxExchange
 
 MAILBOX = "relay@contoso.test"
@@ -29,6 +30,32 @@ INBOUND_PASSWORD = "Marker-Inbound-Pw-L4mQ8tVb"
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> SandboxPKI:
     return SandboxPKI.create(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+async def entra(pki: SandboxPKI) -> AsyncIterator[SandboxEntra]:
+    """The sandbox Entra ID, with the admin tests' client secret and redirect URI."""
+    from tests.admin_support import start_entra  # it imports this module
+
+    server = await start_entra(pki)
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def oauth_exchange(
+    pki: SandboxPKI, entra: SandboxEntra
+) -> AsyncIterator[SandboxExchange]:
+    """The sandbox Exchange taking the sandbox Entra's tokens for XOAUTH2."""
+    from tests.admin_support import start_oauth_exchange
+
+    server = await start_oauth_exchange(pki, entra)
+    try:
+        yield server
+    finally:
+        await server.stop()
 
 
 @pytest.fixture

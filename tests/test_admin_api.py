@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
@@ -29,8 +28,6 @@ from tests.admin_support import (
     callback_uri,
     oauth_overrides,
     oauth_settings,
-    start_entra,
-    start_oauth_exchange,
 )
 from tests.conftest import (
     PASSWORD,
@@ -53,26 +50,6 @@ TEST_FAILED = (
     "Failed to send the test e-mail! Please verify if the E-mail Server Settings "
     "are correct!"
 )
-
-
-@pytest.fixture
-async def entra(pki: SandboxPKI) -> AsyncIterator[SandboxEntra]:
-    server = await start_entra(pki)
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-@pytest.fixture
-async def oauth_exchange(
-    pki: SandboxPKI, entra: SandboxEntra
-) -> AsyncIterator[SandboxExchange]:
-    server = await start_oauth_exchange(pki, entra)
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 async def basic_relay(

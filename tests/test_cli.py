@@ -9,7 +9,6 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,6 @@ from tests.admin_support import (
     callback_uri,
     oauth_overrides,
     oauth_settings,
-    start_entra,
-    start_oauth_exchange,
     toml_text,
 )
 from tests.conftest import (
@@ -83,26 +80,6 @@ def test_cli_log_table_has_the_ui_columns() -> None:
 
 SAVED = "Changes have been saved!"
 SENT = "A test e-mail was sent to admin@contoso.test"
-
-
-@pytest.fixture
-async def entra(pki: SandboxPKI) -> AsyncIterator[SandboxEntra]:
-    server = await start_entra(pki)
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-@pytest.fixture
-async def oauth_exchange(
-    pki: SandboxPKI, entra: SandboxEntra
-) -> AsyncIterator[SandboxExchange]:
-    server = await start_oauth_exchange(pki, entra)
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 def write_config(relay: RunningRelay, pki: SandboxPKI, **overrides: Any) -> Path:

@@ -30,7 +30,6 @@ from relay.upstream import UpstreamSession, build_tls_context
 from tests.admin_support import (
     oauth_overrides,
     oauth_settings,
-    start_entra,
     start_oauth_exchange,
     toml_text,
 )
@@ -241,15 +240,6 @@ async def test_doctor_message_is_the_one_the_logs_would_show(
         logged.category,
         logged.message,
     )
-
-
-@pytest.fixture
-async def entra(pki: SandboxPKI) -> AsyncIterator[SandboxEntra]:
-    server = await start_entra(pki)
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 def _token_manager(

@@ -33,7 +33,6 @@ from tests.admin_support import (
     AdminClient,
     callback_uri,
     oauth_overrides,
-    start_entra,
 )
 from tests.conftest import MAILBOX, RelayFactory, basic_settings
 
@@ -108,15 +107,6 @@ async def _loopback_only(route: Any) -> None:
         await route.continue_()
     else:
         await route.abort()
-
-
-@pytest.fixture
-async def entra(pki: SandboxPKI) -> AsyncIterator[SandboxEntra]:
-    server = await start_entra(pki)
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture
