@@ -416,6 +416,7 @@ def bench_relay(
         before = sink.status()["accepted"]
         cpu_before = cpu_seconds([relay.pid])
         system_before = cpu_seconds([relay.pid], system_only=True)
+        sink_before = cpu_seconds([sink.process.pid])
         started = time.monotonic()
         accept = smtp_source(
             port, messages=messages, size=size, sessions=sessions, timeout=timeout
@@ -423,6 +424,7 @@ def bench_relay(
         done = sink.wait_for(before + messages, timeout=timeout)
         cpu = cpu_seconds([relay.pid]) - cpu_before
         system = cpu_seconds([relay.pid], system_only=True) - system_before
+        sink_cpu = cpu_seconds([sink.process.pid]) - sink_before
         peak = peak_rss_bytes(relay.pid)
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)
@@ -435,7 +437,10 @@ def bench_relay(
         end_to_end_seconds=None if done is None else done - started,
         cpu_seconds=cpu,
         peak_rss=peak,
-        notes=[f"system CPU {system * 1000 / messages:.2f} ms/msg"],
+        notes=[
+            f"system CPU {system * 1000 / messages:.2f} ms/msg",
+            f"sink CPU {sink_cpu * 1000 / messages:.2f} ms/msg",
+        ],
     )
 
 
@@ -577,6 +582,7 @@ def bench_postfix(
         time.sleep(1.0)
         before = sink.status()["accepted"]
         cpu_before = cpu_seconds(process_tree(master.pid))
+        sink_before = cpu_seconds([sink.process.pid])
         started = time.monotonic()
         source = subprocess.Popen(
             smtp_source_command(port, messages=messages, size=size, sessions=sessions),
@@ -602,6 +608,7 @@ def bench_postfix(
         # Live processes, plus what the master reaped (smtpd and smtp processes
         # retire after 100 uses): read before the stop orphans the rest.
         cpu = cpu_seconds(process_tree(master.pid)) - cpu_before
+        sink_cpu = cpu_seconds([sink.process.pid]) - sink_before
     return Result(
         name="postfix",
         size=size,
@@ -610,6 +617,7 @@ def bench_postfix(
         end_to_end_seconds=done,
         cpu_seconds=cpu,
         peak_rss=peak,
+        notes=[f"sink CPU {sink_cpu * 1000 / messages:.2f} ms/msg"],
     )
 
 

@@ -11,8 +11,9 @@ once or, at worst, twice; never zero times.
 The spool directory (directories 0700, files 0600):
 
     spool.lock   held with flock(2) while a Spool is open: one owner at a time
-    spool.db     envelopes, per-recipient states, retry schedule (SQLite)
-    messages/    one file per message body, named by its queue id
+    spool.db     envelopes, per-recipient states, retry schedule, and the
+                 bodies of messages up to INLINE_BODY_BYTES (SQLite)
+    messages/    one file per bigger message body, named by its queue id
     tmp/         bodies being written; emptied at open
 
 The life of a message:
@@ -38,6 +39,7 @@ import enum
 import errno
 import fcntl
 import functools
+import io
 import json
 import os
 import re
@@ -63,8 +65,31 @@ _QUEUE_ID_TIME_DIGITS = 9
 _QUEUE_ID_RANDOM_DIGITS = 7
 _QUEUE_ID_PATTERN = re.compile(r"[0-9A-Za-z]{16}")
 
+# Bodies up to this size live in the database, committed with their envelope:
+# one write to the log and one fsync per group commit instead of a file to
+# create, fsync, rename and later unlink per message (creating files dominated
+# the CPU of the relay at small messages). Bigger bodies, and every body that
+# was streamed to disk while it arrived, stay files under messages/.
+INLINE_BODY_BYTES = 256 * 1024
+# A body goes into the database only while the disk has this much room above
+# the free-space floor. A database needs room to write its log and to copy the
+# log into itself (checkpoint) even to delete rows: close to the floor, bodies
+# are files again, which cost nothing to remove.
+_INLINE_HEADROOM_BYTES = 16 * 1024 * 1024
+# One group commit writes at most this many body bytes into the database, and
+# the log is copied back after 1 MB: together they bound the log's growth, well
+# inside the headroom.
+_BATCH_BODY_BYTES = 4 * 1024 * 1024
+_WAL_AUTOCHECKPOINT_PAGES = 256
+# The write-ahead log is cut back to this size after a checkpoint.
+_WAL_SIZE_LIMIT = 4 * 1024 * 1024
+# Pages freed by delivered messages are reused by new ones; once this many are
+# free (the queue shrank after an outage, say), they go back to the file system.
+_FREE_PAGES_TO_RELEASE = 256
+
 # 2 added messages.paused_seconds; a version 1 database gains it at open.
-_SCHEMA_VERSION = 2
+# 3 added the bodies table (created at open).
+_SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     queue_id         TEXT PRIMARY KEY,
@@ -92,6 +117,10 @@ CREATE TABLE IF NOT EXISTS recipients (
     PRIMARY KEY (queue_id, position),
     UNIQUE (queue_id, address)
 );
+CREATE TABLE IF NOT EXISTS bodies (
+    queue_id TEXT PRIMARY KEY REFERENCES messages (queue_id) ON DELETE CASCADE,
+    data     BLOB NOT NULL
+);
 """
 
 _INSERT_MESSAGE = """
@@ -100,6 +129,8 @@ INSERT INTO messages (
     state_changed_at, size, smtputf8, body_8bit, client_address, last_error
 ) VALUES (?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, NULL)
 """
+_INSERT_BODY = "INSERT INTO bodies (queue_id, data) VALUES (?, ?)"
+_SELECT_BODY = "SELECT data FROM bodies WHERE queue_id = ?"
 _INSERT_RECIPIENT = """
 INSERT INTO recipients (queue_id, position, address, state, updated_at)
 VALUES (?, ?, ?, 'pending', ?)
@@ -192,12 +223,14 @@ class _PendingStore:
     """A message waiting for the next group commit.
 
     Its body is already in messages/ (streamed, `body` None), or still to be
-    written by the commit itself, which then names it (`message.queue_id`).
+    written by the commit itself, which then names it (`message.queue_id`):
+    into the database (`inline`) when small, else to a file.
     """
 
     message: _NewMessage
     committed: asyncio.Future[None]
     body: bytes | None = None
+    inline: bytes | None = None
     error: BaseException | None = None
 
 
@@ -227,6 +260,13 @@ class Spool:
 
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
+        # Reads one small body on the event loop's thread, outside any
+        # transaction of the reader's, so that it always sees the last commit.
+        self._body_reader: sqlite3.Connection | None = None
+        # Free pages inside spool.db: room for new bodies the file system's
+        # free space does not show.
+        self._reusable_bytes = 0
+        self._page_size = 4096
         self._lock_descriptor: int | None = None
         self._messages_dir_descriptor: int | None = None
 
@@ -302,6 +342,7 @@ class Spool:
         reader = _connect_database(self._database_path)
         reader.execute("PRAGMA query_only = ON")
         self._reader = reader
+        self._body_reader = _connect_body_reader(self._database_path)
 
     def _connect(self) -> None:
         # Created here so that SQLite, which gives its -wal and -shm files the
@@ -323,13 +364,23 @@ class Spool:
         # returned is on disk; NORMAL would trade that for speed.
         writer.execute("PRAGMA synchronous = FULL")
         writer.execute("PRAGMA foreign_keys = ON")
+        writer.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
+        writer.execute(f"PRAGMA wal_autocheckpoint = {_WAL_AUTOCHECKPOINT_PAGES}")
         version = writer.execute("PRAGMA user_version").fetchone()[0]
         if version > _SCHEMA_VERSION:
             raise SpoolError(
                 f"The spool database {self._database_path} was written by a newer "
                 f"version of the relay (schema {version})"
             )
+        # Bodies come and go in the database: its free pages must be able to go
+        # back to the file system, which needs auto_vacuum from the start (a new
+        # database) or a VACUUM (one written by a version without it).
+        if writer.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+            writer.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            writer.execute("VACUUM")
         writer.executescript(_SCHEMA)
+        self._page_size = writer.execute("PRAGMA page_size").fetchone()[0]
+        self._note_free_pages(writer)
         columns = {row[1] for row in writer.execute("PRAGMA table_info(messages)")}
         if "paused_seconds" not in columns:
             writer.execute(
@@ -340,6 +391,7 @@ class Spool:
         reader = _connect_database(self._database_path)
         reader.execute("PRAGMA query_only = ON")
         self._reader = reader
+        self._body_reader = _connect_body_reader(self._database_path)
 
     def _recover(self) -> int:
         now = self._clock()
@@ -353,6 +405,9 @@ class Spool:
                 row["queue_id"]: MessageState(row["state"])
                 for row in connection.execute("SELECT queue_id, state FROM messages")
             }
+            inline_bodies = {
+                row[0] for row in connection.execute("SELECT queue_id FROM bodies")
+            }
             body_files = {
                 entry.name
                 for entry in os.scandir(self._messages_dir)
@@ -361,7 +416,9 @@ class Spool:
             bodiless = [
                 queue_id
                 for queue_id, state in spooled.items()
-                if queue_id not in body_files and state is not MessageState.FAILED
+                if queue_id not in body_files
+                and queue_id not in inline_bodies
+                and state is not MessageState.FAILED
             ]
             for queue_id in bodiless:
                 self._fail_message(connection, queue_id, _MISSING_BODY_ERROR, now)
@@ -374,9 +431,10 @@ class Spool:
         return recovered
 
     def _close_blocking(self) -> None:
-        for connection in (self._reader, self._writer):
+        for connection in (self._body_reader, self._reader, self._writer):
             if connection is not None:
                 connection.close()
+        self._body_reader = None
         self._reader = None
         self._writer = None
 
@@ -538,8 +596,31 @@ class Spool:
         return True
 
     def _check_free_space(self, incoming_bytes: int) -> None:
+        self._require_room(self._free_bytes(), incoming_bytes)
+
+    def _free_bytes(self, *, with_reusable: bool = False) -> int:
         usage = os.statvfs(self._tmp_dir)
-        free_bytes = usage.f_bavail * usage.f_frsize
+        free_bytes: int = usage.f_bavail * usage.f_frsize
+        return free_bytes + (self._reusable_bytes if with_reusable else 0)
+
+    def _note_free_pages(self, connection: sqlite3.Connection) -> int:
+        pages: int = connection.execute("PRAGMA freelist_count").fetchone()[0]
+        self._reusable_bytes = pages * self._page_size
+        return pages
+
+    def _release_free_pages(self) -> None:
+        """Give spool.db's free pages back to the file system once there are many.
+
+        In the writer's thread, outside a transaction.
+        """
+        connection = self._writer_connection()
+        if self._note_free_pages(connection) >= _FREE_PAGES_TO_RELEASE:
+            # It frees one page per step and returns no row, so execute() would
+            # stop after one page; executescript() steps it to the end.
+            connection.executescript("PRAGMA incremental_vacuum")
+            self._note_free_pages(connection)
+
+    def _require_room(self, free_bytes: int, incoming_bytes: int) -> None:
         if free_bytes - incoming_bytes < self._min_free_bytes:
             raise SpoolFullError(
                 f"The mail spool is full: {_megabytes(free_bytes)} free on the file "
@@ -579,7 +660,8 @@ class Spool:
 
         try:
             async with self._writer_lock:
-                if pending in self._pending_stores:
+                # A commit takes a limited batch: this store may need another.
+                while pending in self._pending_stores:
                     await self._commit_pending_stores()
         except asyncio.CancelledError:
             if pending in self._pending_stores:
@@ -596,7 +678,7 @@ class Spool:
         return pending.message.queue_id
 
     async def _commit_pending_stores(self) -> None:
-        batch, self._pending_stores = self._pending_stores, []
+        batch = _take_batch(self._pending_stores)
 
         task = self._start_in_thread(
             functools.partial(self._store_batch, batch), action="storing a message"
@@ -607,16 +689,30 @@ class Spool:
         await _wait_until_done(task)
 
     def _store_batch(self, batch: list[_PendingStore]) -> None:
-        """Write the bodies still in memory, then commit every message's rows.
+        """Place the bodies still in memory, then commit every message's rows.
 
-        A body that cannot be written (a full disk) fails its own store only.
+        Small bodies go into the database with their rows; bigger ones are
+        written to files first. A body that does not fit (a full disk, the
+        free-space floor) fails its own store only.
         """
+        free_bytes: int | None = None
         for pending in batch:
-            if pending.body is None:
+            body = pending.body
+            if body is None:
                 continue
             try:
                 with _translated_errors("storing a message"):
-                    queue_id, size = self._write_body_file(pending.body)
+                    if free_bytes is None:
+                        free_bytes = self._free_bytes(with_reusable=True)
+                    if len(body) <= INLINE_BODY_BYTES and (
+                        free_bytes - len(body)
+                        >= self._min_free_bytes + _INLINE_HEADROOM_BYTES
+                    ):
+                        free_bytes -= len(body)
+                        queue_id, size = self._new_queue_id(), len(body)
+                        pending.inline = body
+                    else:
+                        queue_id, size = self._write_body_file(body)
             except SpoolError as error:
                 pending.error = error
                 continue
@@ -624,19 +720,34 @@ class Spool:
                 pending.message, queue_id=queue_id, size=size
             )
             pending.body = None
-        placed = [pending.message for pending in batch if pending.error is None]
+        placed = [pending for pending in batch if pending.error is None]
         if placed:
-            self._insert_new_messages(placed)
+            self._insert_new_messages(
+                [pending.message for pending in placed],
+                inline_bodies=[
+                    (pending.message.queue_id, pending.inline)
+                    for pending in placed
+                    if pending.inline is not None
+                ],
+            )
 
-    def _insert_new_messages(self, messages: list[_NewMessage]) -> None:
+    def _insert_new_messages(
+        self,
+        messages: list[_NewMessage],
+        *,
+        inline_bodies: Sequence[tuple[str, bytes]] = (),
+    ) -> None:
         connection = self._writer_connection()
         now = self._clock()
+        inline_ids = {queue_id for queue_id, _ in inline_bodies}
 
         try:
-            # fsync(2) on a file does not persist the directory entry that names
-            # it (POSIX leaves that to the directory): fsync messages/ itself, so
-            # that no committed row can point at a rename lost in a crash.
-            os.fsync(self._directory_descriptor())
+            if len(inline_ids) < len(messages):
+                # fsync(2) on a file does not persist the directory entry that
+                # names it (POSIX leaves that to the directory): fsync messages/
+                # itself, so that no committed row can point at a rename lost in
+                # a crash.
+                os.fsync(self._directory_descriptor())
             connection.execute("BEGIN IMMEDIATE")
             connection.executemany(
                 _INSERT_MESSAGE,
@@ -663,9 +774,14 @@ class Spool:
                     for position, address in enumerate(message.recipients)
                 ],
             )
+            connection.executemany(_INSERT_BODY, inline_bodies)
         except BaseException:
             _rollback(connection)
-            self._remove_body_files(message.queue_id for message in messages)
+            self._remove_body_files(
+                message.queue_id
+                for message in messages
+                if message.queue_id not in inline_ids
+            )
             raise
 
         try:
@@ -676,7 +792,11 @@ class Spool:
             # the rows may come back at the next open, so their bodies stay; open()
             # removes them if the rows do not. A full disk wrote no commit record.
             if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
-                self._remove_body_files(message.queue_id for message in messages)
+                self._remove_body_files(
+                    message.queue_id
+                    for message in messages
+                    if message.queue_id not in inline_ids
+                )
             raise
 
     # Delivering messages
@@ -726,22 +846,52 @@ class Spool:
         """The message's body as an open file, for sending a big one in blocks."""
         path = self.body_path(queue_id)
         return await self._in_thread(
-            functools.partial(_open_body_file, path), action="reading a message"
+            functools.partial(self._open_body_blocking, queue_id, path),
+            action="reading a message",
         )
+
+    def _open_body_blocking(self, queue_id: str, path: Path) -> BinaryIO:
+        inline = self._inline_body(queue_id)
+        if inline is not None:
+            return io.BytesIO(inline)
+        return _open_body_file(path)
 
     def read_small_body(self, queue_id: str) -> bytes:
         """The body of a message of a few KB, read at once on the caller's thread.
 
-        A recently stored small body is in the page cache: reading it costs less
-        than handing the read to a thread.
+        A recently stored small body is in SQLite's or the kernel's cache:
+        reading it costs less than handing the read to a thread.
         """
-        return _read_body_file(self._body_file(queue_id))
+        with _translated_errors("reading a message"):
+            return self._read_body_blocking(queue_id)
 
     async def read_body(self, queue_id: str) -> bytes:
         """The message's body, byte for byte as it was stored."""
+        self.body_path(queue_id)  # refuses anything but a queue id, here and now
+        return await self._in_thread(
+            functools.partial(self._read_body_blocking, queue_id),
+            action="reading a message",
+        )
+
+    def _read_body_blocking(self, queue_id: str) -> bytes:
+        path = self._body_file(queue_id)
+        inline = self._inline_body(queue_id)
+        if inline is not None:
+            return inline
+        return _read_body_file(path)
+
+    def _inline_body(self, queue_id: str) -> bytes | None:
+        if self._body_reader is None:
+            raise SpoolError("The mail spool is closed")
+        row = self._body_reader.execute(_SELECT_BODY, (queue_id,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    async def has_body(self, queue_id: str) -> bool:
+        """Whether the spool still keeps a body for this queue id, in either place."""
         path = self.body_path(queue_id)
         return await self._in_thread(
-            functools.partial(_read_body_file, path), action="reading a message"
+            lambda: self._inline_body(queue_id) is not None or path.exists(),
+            action="reading a message",
         )
 
     def _body_file(self, queue_id: str) -> str:
@@ -788,10 +938,12 @@ class Spool:
         # worst, never lost. Postfix does not sync its queue file removal either.
         connection.execute("PRAGMA synchronous = NORMAL")
         try:
-            message, removed = self._record_outcomes(queue_id, delivered, failed)
+            message, body_file_left = self._record_outcomes(queue_id, delivered, failed)
+            if message is None:
+                self._release_free_pages()
         finally:
             connection.execute("PRAGMA synchronous = FULL")
-        if removed:
+        if body_file_left:
             # The row went first: a crash before this unlink leaves an orphan
             # file for open() to remove, never a row without its body.
             self._remove_body_files([queue_id])
@@ -850,8 +1002,12 @@ class Spool:
                 )
                 return failed_message[0], False
 
+            # A body in the database goes with the row; only a file needs removing.
+            inline = connection.execute(
+                "DELETE FROM bodies WHERE queue_id = ?", (queue_id,)
+            ).rowcount
             connection.execute("DELETE FROM messages WHERE queue_id = ?", (queue_id,))
-            return None, True
+            return None, not inline
 
     async def defer(
         self,
@@ -977,6 +1133,7 @@ class Spool:
                 "DELETE FROM messages WHERE queue_id = ?",
                 [(queue_id,) for queue_id in expired],
             )
+        self._release_free_pages()
         return expired
 
     def _delete_blocking(self, queue_id: str) -> bool:
@@ -984,6 +1141,7 @@ class Spool:
             deleted: int = connection.execute(
                 "DELETE FROM messages WHERE queue_id = ?", (queue_id,)
             ).rowcount
+        self._release_free_pages()
         return deleted > 0
 
     async def get(self, queue_id: str) -> QueuedMessage | None:
@@ -1167,6 +1325,21 @@ async def _wait_until_done(task: asyncio.Future[Any]) -> None:
         raise cancellation
 
 
+def _take_batch(pending_stores: list[_PendingStore]) -> list[_PendingStore]:
+    """Take the stores for one commit off the list: all, or those within the
+    batch's body bytes (at least one). The rest wait for the next commit."""
+    body_bytes = 0
+    count = 0
+    for pending in pending_stores:
+        body_bytes += len(pending.body) if pending.body is not None else 0
+        if count and body_bytes > _BATCH_BODY_BYTES:
+            break
+        count += 1
+    batch = pending_stores[:count]
+    del pending_stores[:count]
+    return batch
+
+
 def _settle_pending_stores(
     batch: list[_PendingStore], task: asyncio.Future[None]
 ) -> None:
@@ -1234,6 +1407,14 @@ def _connect_database(path: Path) -> sqlite3.Connection:
         path, timeout=30.0, isolation_level=None, check_same_thread=False
     )
     connection.row_factory = sqlite3.Row
+    return connection
+
+
+def _connect_body_reader(path: Path) -> sqlite3.Connection:
+    connection = sqlite3.connect(
+        path, timeout=30.0, isolation_level=None, check_same_thread=False
+    )
+    connection.execute("PRAGMA query_only = ON")
     return connection
 
 

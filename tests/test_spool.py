@@ -7,6 +7,7 @@ import errno
 import hashlib
 import os
 import re
+import sqlite3
 import stat
 import sys
 import tempfile
@@ -19,10 +20,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.errors import SpoolError, SpoolFullError
-from relay.spool import MessageState, RecipientState, Spool
+from relay.spool import INLINE_BODY_BYTES, MessageState, RecipientState, Spool
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 START = 1_750_000_000.0
+# Small bodies live in the database, bigger ones as files under messages/.
+SMALL_BODY = b"Subject: disk almost full\r\n\r\nSee the dashboard.\r\n"
+FILE_BODY = b"Subject: a big report\r\n\r\n" + b"x" * INLINE_BODY_BYTES
+BODY_PLACES = pytest.mark.parametrize(
+    "body", [SMALL_BODY, FILE_BODY], ids=["in-database", "as-file"]
+)
 
 
 class FakeClock:
@@ -57,7 +64,7 @@ async def store(spool: Spool, **overrides: Any) -> str:
     envelope: dict[str, Any] = {
         "mail_from": "alerts@appliance.example",
         "recipients": ["admin@example.com"],
-        "body": b"Subject: disk almost full\r\n\r\nSee the dashboard.\r\n",
+        "body": SMALL_BODY,
         "smtputf8": False,
         "body_8bit": False,
         "client_address": "127.0.0.1",
@@ -222,21 +229,59 @@ async def test_spool_open_returns_number_of_requeued_messages(
 async def test_spool_removes_orphan_body_files_at_open(
     spool: Spool, clock: FakeClock
 ) -> None:
-    queue_id = await store(spool)
+    queue_id = await store(spool, body=FILE_BODY)
+    inline_id = await store(spool, body=SMALL_BODY)
     # What a crash between the rename and the commit leaves: a body, no row.
     (spool.directory / "messages" / "0000000000orphan").write_bytes(b"never acked")
     (spool.directory / "tmp" / "half-written.tmp").write_bytes(b"Subject: ")
 
     restarted = await reopen(spool, clock)
+    kept = await restarted.read_body(inline_id)
     await restarted.close()
 
-    assert files_in_spool(spool.directory) == [f"messages/{queue_id}"]
+    assert (files_in_spool(spool.directory), kept) == (
+        [f"messages/{queue_id}"],
+        SMALL_BODY,
+    )
+
+
+async def test_spool_keeps_small_bodies_in_the_database_and_big_ones_as_files(
+    spool: Spool,
+) -> None:
+    small = await store(spool, body=SMALL_BODY)
+    big = await store(spool, body=FILE_BODY)
+
+    assert (
+        files_in_spool(spool.directory),
+        await spool.read_body(small),
+        await spool.read_body(big),
+        spool.read_small_body(small),
+        (await spool.open_body(small)).read(),
+    ) == ([f"messages/{big}"], SMALL_BODY, FILE_BODY, SMALL_BODY, SMALL_BODY)
+
+
+async def test_spool_fails_message_whose_body_row_vanished(
+    spool: Spool, clock: FakeClock
+) -> None:
+    queue_id = await store(spool, body=SMALL_BODY)
+    await spool.close()
+    connection = sqlite3.connect(spool.directory / "spool.db")
+    with connection:
+        connection.execute("DELETE FROM bodies WHERE queue_id = ?", (queue_id,))
+    connection.close()
+
+    restarted = Spool(spool.directory, clock=clock)
+    await restarted.open()
+    message = await restarted.get(queue_id)
+    await restarted.close()
+
+    assert message is not None and message.state is MessageState.FAILED
 
 
 async def test_spool_fails_message_whose_body_file_vanished(
     spool: Spool, clock: FakeClock
 ) -> None:
-    queue_id = await store(spool)
+    queue_id = await store(spool, body=FILE_BODY)
     spool.body_path(queue_id).unlink()
 
     restarted = await reopen(spool, clock)
@@ -415,7 +460,7 @@ async def test_spool_body_path_refuses_anything_but_a_queue_id(spool: Spool) -> 
 
 
 async def test_spool_read_body_reports_a_missing_file(spool: Spool) -> None:
-    queue_id = await store(spool)
+    queue_id = await store(spool, body=FILE_BODY)
     spool.body_path(queue_id).unlink()
 
     with pytest.raises(SpoolError, match="missing from the spool"):
@@ -461,7 +506,7 @@ async def test_spool_disk_full_while_writing_raises_and_cleans_up(
 
     monkeypatch.setattr(os, "write", write_until_the_disk_fills)
     with pytest.raises(SpoolFullError):
-        await store(spool, body=b"x" * 65536)
+        await store(spool, body=FILE_BODY)
     monkeypatch.undo()
 
     assert files_in_spool(spool.directory) == []
@@ -480,24 +525,35 @@ async def test_spool_partial_delivery_keeps_the_pending_recipient(spool: Spool) 
     assert message is not None and message.recipients == ("b@example.com",)
 
 
-async def test_spool_all_delivered_removes_row_and_body(spool: Spool) -> None:
-    queue_id = await store(spool, recipients=["a@example.com", "b@example.com"])
+@BODY_PLACES
+async def test_spool_all_delivered_removes_row_and_body(
+    spool: Spool, body: bytes
+) -> None:
+    queue_id = await store(
+        spool, recipients=["a@example.com", "b@example.com"], body=body
+    )
     await spool.claim_due(limit=1)
     await spool.record_attempt(queue_id, delivered=["a@example.com"])
+    kept_while_pending = await spool.has_body(queue_id)
 
     outcome = await spool.record_attempt(queue_id, delivered=["b@example.com"])
 
-    assert (outcome, await spool.get(queue_id), spool.body_path(queue_id).exists()) == (
-        None,
-        None,
-        False,
-    )
+    assert (
+        kept_while_pending,
+        outcome,
+        await spool.get(queue_id),
+        await spool.has_body(queue_id),
+        files_in_spool(spool.directory),
+    ) == (True, None, None, False, [])
 
 
+@BODY_PLACES
 async def test_spool_failed_recipient_fails_message_and_keeps_body(
-    spool: Spool,
+    spool: Spool, body: bytes
 ) -> None:
-    queue_id = await store(spool, recipients=["a@example.com", "gone@example.com"])
+    queue_id = await store(
+        spool, recipients=["a@example.com", "gone@example.com"], body=body
+    )
     await spool.claim_due(limit=1)
 
     outcome = await spool.record_attempt(
@@ -509,8 +565,8 @@ async def test_spool_failed_recipient_fails_message_and_keeps_body(
     assert outcome is not None and (
         outcome.state,
         outcome.last_error,
-        spool.body_path(queue_id).exists(),
-    ) == (MessageState.FAILED, "gone@example.com: 550 5.1.1 User unknown", True)
+        await spool.read_body(queue_id),
+    ) == (MessageState.FAILED, "gone@example.com: 550 5.1.1 User unknown", body)
 
 
 async def test_spool_recipient_states_show_each_outcome(spool: Spool) -> None:
@@ -743,26 +799,33 @@ async def test_spool_list_messages_in_acceptance_order(
     assert [message.queue_id for message in listed] == queue_ids[:3]
 
 
-async def test_spool_delete_removes_row_and_body(spool: Spool) -> None:
-    queue_id = await store(spool)
+@BODY_PLACES
+async def test_spool_delete_removes_row_and_body(spool: Spool, body: bytes) -> None:
+    queue_id = await store(spool, body=body)
 
     deleted = await spool.delete(queue_id)
 
-    assert (deleted, await spool.get(queue_id), spool.body_path(queue_id).exists()) == (
-        True,
-        None,
-        False,
-    )
+    assert (
+        deleted,
+        await spool.get(queue_id),
+        await spool.has_body(queue_id),
+        files_in_spool(spool.directory),
+    ) == (True, None, False, [])
 
 
 async def test_spool_delete_of_unknown_id_returns_false(spool: Spool) -> None:
     assert await spool.delete("0000000000000000") is False
 
 
+@BODY_PLACES
 async def test_spool_purge_failed_removes_only_old_failures(
-    spool: Spool, clock: FakeClock
+    spool: Spool, clock: FakeClock, body: bytes
 ) -> None:
-    old, recent, queued = await store(spool), await store(spool), await store(spool)
+    old, recent, queued = (
+        await store(spool, body=body),
+        await store(spool),
+        await store(spool),
+    )
     await spool.claim_due(limit=2)
     await spool.fail(old, error="554")
     clock.now += 7 * 86_400
@@ -771,7 +834,7 @@ async def test_spool_purge_failed_removes_only_old_failures(
     purged = await spool.purge_failed(older_than=clock.now - 86_400)
     remaining = [message.queue_id for message in await spool.list_messages()]
 
-    assert (purged, remaining, spool.body_path(old).exists()) == (
+    assert (purged, remaining, await spool.has_body(old)) == (
         1,
         [recent, queued],
         False,
@@ -792,7 +855,7 @@ async def test_spool_body_files_are_private_even_with_an_open_umask(
     try:
         spool = Spool(spool_dir)
         await spool.open()
-        queue_id = await store(spool)
+        queue_id = await store(spool, body=FILE_BODY)
         await spool.close()
     finally:
         os.umask(previous_umask)
@@ -872,18 +935,109 @@ async def test_spool_store_after_close_raises_spool_error(spool: Spool) -> None:
 # Cancellation
 
 
+@BODY_PLACES
 @pytest.mark.parametrize("cancel_after", [0.0, 0.0005, 0.001, 0.002, 0.005])
 async def test_spool_cancelled_stores_leave_no_body_without_a_row(
-    spool: Spool, cancel_after: float
+    spool: Spool, cancel_after: float, body: bytes
 ) -> None:
-    stores = [asyncio.create_task(store(spool)) for _ in range(40)]
+    stores = [asyncio.create_task(store(spool, body=body)) for _ in range(40)]
     await asyncio.sleep(cancel_after)
     for task in stores[::2]:
         task.cancel()
     await asyncio.gather(*stores, return_exceptions=True)
 
     spooled = [message.queue_id for message in await spool.list_messages(limit=100)]
-
-    assert files_in_spool(spool.directory) == sorted(
-        f"messages/{queue_id}" for queue_id in spooled
+    bodies = [await spool.read_body(queue_id) for queue_id in spooled]
+    connection = sqlite3.connect(spool.directory / "spool.db")
+    inline_ids = sorted(
+        row[0] for row in connection.execute("SELECT queue_id FROM bodies")
     )
+    connection.close()
+
+    as_files = len(body) > INLINE_BODY_BYTES
+    assert (
+        files_in_spool(spool.directory),
+        inline_ids,
+        bodies,
+    ) == (
+        sorted(f"messages/{queue_id}" for queue_id in spooled) if as_files else [],
+        [] if as_files else sorted(spooled),
+        [body] * len(spooled),
+    )
+
+
+# Bodies in the database: room to work, and room given back
+
+
+async def test_spool_near_the_floor_keeps_small_bodies_as_files(
+    spool_dir: Path,
+) -> None:
+    spool_dir.mkdir(parents=True)
+    usage = os.statvfs(spool_dir)
+    free = usage.f_bavail * usage.f_frsize
+    # 8 MB above the floor: inside the headroom the database needs for itself.
+    spool = Spool(spool_dir, min_free_bytes=free - 8 * 1024 * 1024)
+    await spool.open()
+    queue_id = await store(spool, body=SMALL_BODY)
+    body = await spool.read_body(queue_id)
+    await spool.close()
+
+    assert (files_in_spool(spool_dir), body) == ([f"messages/{queue_id}"], SMALL_BODY)
+
+
+async def test_spool_stores_more_body_bytes_at_once_than_one_commit_takes(
+    spool: Spool,
+) -> None:
+    # 40 x 200 KB = 8 MB waiting together: more than one commit's share.
+    bodies = [bytes([65 + n % 26]) * 200_000 for n in range(40)]
+
+    queue_ids = await asyncio.wait_for(
+        asyncio.gather(*(store(spool, body=body) for body in bodies)), timeout=60
+    )
+
+    assert [await spool.read_body(queue_id) for queue_id in queue_ids] == bodies
+
+
+async def test_spool_gives_free_pages_back_once_the_queue_drains(spool: Spool) -> None:
+    queue_ids = [
+        await store(spool, body=bytes([65 + n % 26]) * 100_000) for n in range(60)
+    ]
+    database = spool.directory / "spool.db"
+
+    def database_bytes() -> int:
+        connection = sqlite3.connect(database)
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        pages = connection.execute("PRAGMA page_count").fetchone()[0]
+        page_size = connection.execute("PRAGMA page_size").fetchone()[0]
+        connection.close()
+        return int(pages * page_size)
+
+    full = database_bytes()
+    await spool.claim_due(limit=100)
+    for queue_id in queue_ids:
+        await spool.record_attempt(queue_id, delivered=["admin@example.com"])
+    drained = database_bytes()
+
+    assert (full > 6_000_000, drained < 1_500_000) == (True, True), (full, drained)
+
+
+async def test_spool_database_without_auto_vacuum_is_converted_at_open(
+    spool: Spool, clock: FakeClock
+) -> None:
+    queue_id = await store(spool)
+    await spool.close()
+    connection = sqlite3.connect(spool.directory / "spool.db")
+    connection.execute("PRAGMA auto_vacuum = NONE")
+    connection.execute("VACUUM")
+    before = connection.execute("PRAGMA auto_vacuum").fetchone()[0]
+    connection.close()
+
+    restarted = Spool(spool.directory, clock=clock)
+    await restarted.open()
+    body = await restarted.read_body(queue_id)
+    await restarted.close()
+    connection = sqlite3.connect(spool.directory / "spool.db")
+    after = connection.execute("PRAGMA auto_vacuum").fetchone()[0]
+    connection.close()
+
+    assert (before, after, body) == (0, 2, SMALL_BODY)
