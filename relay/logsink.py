@@ -18,6 +18,7 @@ This module records what it is given; deciding what is an error belongs to
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import os
@@ -196,7 +197,13 @@ def redact_secrets(
 
 
 def _is_sensitive_key(key: object) -> bool:
-    return bool(_SENSITIVE_KEY.search(str(key).lower().replace("-", "_")))
+    return _is_sensitive_name(str(key))
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_sensitive_name(name: str) -> bool:
+    # Events use a few dozen key names over and over: each is judged once.
+    return bool(_SENSITIVE_KEY.search(name.lower().replace("-", "_")))
 
 
 def _encoded_forms(secret: str) -> set[str]:

@@ -234,6 +234,19 @@ class _PendingStore:
     error: BaseException | None = None
 
 
+@dataclass(eq=False)
+class _PendingOutcome:
+    """A delivery attempt's outcome waiting for the next commit of outcomes."""
+
+    queue_id: str
+    delivered: tuple[str, ...]
+    failed: dict[str, str]
+    recorded: asyncio.Future[QueuedMessage | None]
+    message: QueuedMessage | None = None
+    body_file_left: bool = False
+    error: BaseException | None = None
+
+
 _NO_FAILURES: Mapping[str, str] = types.MappingProxyType({})
 
 
@@ -275,6 +288,7 @@ class Spool:
         self._writer_lock = asyncio.Lock()
         self._reader_lock = asyncio.Lock()
         self._pending_stores: list[_PendingStore] = []
+        self._pending_outcomes: list[_PendingOutcome] = []
         self._queue_id_lock = threading.Lock()
         self._last_queue_id_micros = 0
 
@@ -921,16 +935,37 @@ class Spool:
         as it is, for the caller to defer, hold or fail the rest. Recipients already
         settled, or unknown, are ignored.
         """
-        return await self._write(
-            functools.partial(
-                self._record_attempt_blocking, queue_id, tuple(delivered), dict(failed)
-            ),
-            action="recording a delivery attempt",
+        self._require_open()
+        pending = _PendingOutcome(
+            queue_id,
+            tuple(delivered),
+            dict(failed),
+            asyncio.get_running_loop().create_future(),
         )
+        self._pending_outcomes.append(pending)
+        # Like stores, the outcomes that come while another write is under way
+        # are recorded together: one transaction and one trip to a thread.
+        try:
+            async with self._writer_lock:
+                if pending in self._pending_outcomes:
+                    batch, self._pending_outcomes = self._pending_outcomes, []
+                    task = self._start_in_thread(
+                        functools.partial(self._record_batch_blocking, batch),
+                        action="recording a delivery attempt",
+                    )
+                    task.add_done_callback(
+                        functools.partial(_settle_pending_outcomes, batch)
+                    )
+                    await _wait_until_done(task)
+        except asyncio.CancelledError:
+            if pending in self._pending_outcomes:
+                self._pending_outcomes.remove(pending)
+            elif pending.recorded.done() and not pending.recorded.cancelled():
+                pending.recorded.exception()  # retrieved: nobody waits for it now
+            raise
+        return await pending.recorded
 
-    def _record_attempt_blocking(
-        self, queue_id: str, delivered: tuple[str, ...], failed: dict[str, str]
-    ) -> QueuedMessage | None:
+    def _record_batch_blocking(self, batch: list[_PendingOutcome]) -> None:
         connection = self._writer_connection()
         # Not fsync'd on its own: the next FULL commit (any store) carries it to
         # disk, and a process crash loses nothing. Only a power cut in between
@@ -938,76 +973,97 @@ class Spool:
         # worst, never lost. Postfix does not sync its queue file removal either.
         connection.execute("PRAGMA synchronous = NORMAL")
         try:
-            message, body_file_left = self._record_outcomes(queue_id, delivered, failed)
-            if message is None:
+            with self._write_transaction() as connection:
+                for pending in batch:
+                    # Each in a savepoint: a fault fails that outcome alone.
+                    connection.execute("SAVEPOINT outcome")
+                    try:
+                        with _translated_errors("recording a delivery attempt"):
+                            pending.message, pending.body_file_left = (
+                                self._record_outcomes(
+                                    connection,
+                                    pending.queue_id,
+                                    pending.delivered,
+                                    pending.failed,
+                                )
+                            )
+                    except SpoolError as error:
+                        connection.execute("ROLLBACK TO outcome")
+                        pending.error = error
+                    connection.execute("RELEASE outcome")
+            if any(p.message is None and p.error is None for p in batch):
                 self._release_free_pages()
         finally:
             connection.execute("PRAGMA synchronous = FULL")
-        if body_file_left:
-            # The row went first: a crash before this unlink leaves an orphan
-            # file for open() to remove, never a row without its body.
-            self._remove_body_files([queue_id])
-        return message
+        # The rows went first: a crash before these unlinks leaves orphan files
+        # for open() to remove, never a row without its body.
+        self._remove_body_files(
+            pending.queue_id
+            for pending in batch
+            if pending.body_file_left and pending.error is None
+        )
 
     def _record_outcomes(
-        self, queue_id: str, delivered: tuple[str, ...], failed: dict[str, str]
+        self,
+        connection: sqlite3.Connection,
+        queue_id: str,
+        delivered: tuple[str, ...],
+        failed: dict[str, str],
     ) -> tuple[QueuedMessage | None, bool]:
+        """One message's outcomes, inside the caller's transaction."""
         now = self._clock()
-        with self._write_transaction() as connection:
-            connection.executemany(
-                "UPDATE recipients SET state = ?, reason = NULL, updated_at = ? "
-                "WHERE queue_id = ? AND address = ? AND state = ?",
-                [
-                    (
-                        RecipientState.DELIVERED,
-                        now,
-                        queue_id,
-                        address,
-                        RecipientState.PENDING,
-                    )
-                    for address in delivered
-                ],
-            )
-            connection.executemany(
-                "UPDATE recipients SET state = ?, reason = ?, updated_at = ? "
-                "WHERE queue_id = ? AND address = ? AND state = ?",
-                [
-                    (
-                        RecipientState.FAILED,
-                        reason,
-                        now,
-                        queue_id,
-                        address,
-                        RecipientState.PENDING,
-                    )
-                    for address, reason in failed.items()
-                ],
-            )
-            states = _recipient_state_counts(connection, queue_id)
-
-            if not states or states.get(RecipientState.PENDING):
-                messages = _fetch_messages(connection, _SELECT_MESSAGE, (queue_id,))
-                return (messages[0] if messages else None), False
-
-            if states.get(RecipientState.FAILED):
-                reasons = connection.execute(
-                    "SELECT address, reason FROM recipients "
-                    "WHERE queue_id = ? AND state = ? ORDER BY position",
-                    (queue_id, RecipientState.FAILED),
-                ).fetchall()
-                summary = "; ".join(f"{row[0]}: {row[1]}" for row in reasons)
-                self._fail_message(connection, queue_id, summary, now)
-                failed_message = _fetch_messages(
-                    connection, _SELECT_MESSAGE, (queue_id,)
+        connection.executemany(
+            "UPDATE recipients SET state = ?, reason = NULL, updated_at = ? "
+            "WHERE queue_id = ? AND address = ? AND state = ?",
+            [
+                (
+                    RecipientState.DELIVERED,
+                    now,
+                    queue_id,
+                    address,
+                    RecipientState.PENDING,
                 )
-                return failed_message[0], False
+                for address in delivered
+            ],
+        )
+        connection.executemany(
+            "UPDATE recipients SET state = ?, reason = ?, updated_at = ? "
+            "WHERE queue_id = ? AND address = ? AND state = ?",
+            [
+                (
+                    RecipientState.FAILED,
+                    reason,
+                    now,
+                    queue_id,
+                    address,
+                    RecipientState.PENDING,
+                )
+                for address, reason in failed.items()
+            ],
+        )
+        states = _recipient_state_counts(connection, queue_id)
 
-            # A body in the database goes with the row; only a file needs removing.
-            inline = connection.execute(
-                "DELETE FROM bodies WHERE queue_id = ?", (queue_id,)
-            ).rowcount
-            connection.execute("DELETE FROM messages WHERE queue_id = ?", (queue_id,))
-            return None, not inline
+        if not states or states.get(RecipientState.PENDING):
+            messages = _fetch_messages(connection, _SELECT_MESSAGE, (queue_id,))
+            return (messages[0] if messages else None), False
+
+        if states.get(RecipientState.FAILED):
+            reasons = connection.execute(
+                "SELECT address, reason FROM recipients "
+                "WHERE queue_id = ? AND state = ? ORDER BY position",
+                (queue_id, RecipientState.FAILED),
+            ).fetchall()
+            summary = "; ".join(f"{row[0]}: {row[1]}" for row in reasons)
+            self._fail_message(connection, queue_id, summary, now)
+            failed_message = _fetch_messages(connection, _SELECT_MESSAGE, (queue_id,))
+            return failed_message[0], False
+
+        # A body in the database goes with the row; only a file needs removing.
+        inline = connection.execute(
+            "DELETE FROM bodies WHERE queue_id = ?", (queue_id,)
+        ).rowcount
+        connection.execute("DELETE FROM messages WHERE queue_id = ?", (queue_id,))
+        return None, not inline
 
     async def defer(
         self,
@@ -1323,6 +1379,22 @@ async def _wait_until_done(task: asyncio.Future[Any]) -> None:
         if not task.cancelled():
             task.exception()  # retrieved: the cancelled caller will not look at it
         raise cancellation
+
+
+def _settle_pending_outcomes(
+    batch: list[_PendingOutcome], task: asyncio.Future[None]
+) -> None:
+    for pending in batch:
+        if pending.recorded.done():
+            continue  # its record_attempt() was cancelled while waiting
+        if task.cancelled():
+            pending.recorded.cancel()
+            continue
+        failure = pending.error or task.exception()
+        if failure is None:
+            pending.recorded.set_result(pending.message)
+        else:
+            pending.recorded.set_exception(failure)
 
 
 def _take_batch(pending_stores: list[_PendingStore]) -> list[_PendingStore]:

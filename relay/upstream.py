@@ -9,7 +9,9 @@ one place (`translate_exception`) from aiosmtplib, ssl and socket exceptions.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
+import re
 import socket
 import ssl
 import time
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import aiosmtplib
+from aiosmtplib.protocol import SMTPProtocol
 
 from relay.config import MailSettings, TimeoutsConfig, TlsConfig
 from relay.dotstuffing import DotStuffer
@@ -37,6 +40,12 @@ TokenProvider = Callable[[], Awaitable[str]]
 
 # Bytes of a message read and written at a time.
 _BLOCK_SIZE = 256 * 1024
+# A reply line longer than RFC 5321's 512 octets, with room to spare, or more
+# unparsed reply bytes than this, is a server gone wrong.
+_MAX_REPLY_LINE = 8192
+_MAX_REPLY_BUFFER = 1024 * 1024
+# What must never reach the server inside a command (a second command).
+_COMMAND_BREAK = re.compile(rb"[\r\n]")
 _TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
@@ -86,6 +95,10 @@ class UpstreamSession:
         self._token_provider = token_provider
         self._smtp: aiosmtplib.SMTP | None = None
         self._in_sync = False
+        # The server takes MAIL, RCPT and DATA in one go (RFC 2920).
+        self._pipelining: PipeliningProtocol | None = None
+        # Where the transaction under way is, for naming a failure.
+        self._stage = Stage.MAIL
         self.messages_sent = 0
         self.opened_at: float | None = None
 
@@ -144,6 +157,13 @@ class UpstreamSession:
 
         self._in_sync = True
         self.opened_at = time.monotonic()
+        if smtp.supports_extension("pipelining"):
+            self._pipelining = PipeliningProtocol.take_over(smtp)
+
+    @property
+    def pipelining(self) -> bool:
+        """Whether transactions go out as one group of commands (RFC 2920)."""
+        return self._pipelining is not None
 
     def age(self) -> float:
         """Seconds since the session was opened (0 before)."""
@@ -173,7 +193,7 @@ class UpstreamSession:
 
         # Until the transaction ends cleanly, the connection is not to be reused.
         self._in_sync = False
-        stage = Stage.MAIL
+        self._stage = Stage.MAIL
         try:
             source = await _MessageSource.open(body, rewrite_head=rewrite_head)
             mail_options = [f"SIZE={source.size}"]
@@ -182,51 +202,34 @@ class UpstreamSession:
             if body_8bit and smtp.supports_extension("8bitmime"):
                 mail_options.append("BODY=8BITMIME")
             address_encoding = "utf-8" if smtputf8 else "ascii"
-            await self._mail(smtp, mail_from, mail_options, address_encoding)
-
-            stage = Stage.RCPT
+            mail_command = _mail_command(mail_from, mail_options, address_encoding)
             offered = list(
                 recipients[:max_recipients] if max_recipients else recipients
             )
             unsent = list(recipients[len(offered) :])
-            accepted: list[str] = []
-            refused: dict[str, SmtpReplyError] = {}
-            deferred: dict[str, SmtpReplyError] = {}
-            for position, recipient in enumerate(offered):
-                response = await smtp.execute_command(
-                    b"RCPT", b"TO:<" + recipient.encode(address_encoding) + b">"
-                )
-                if response.code in (250, 251):
-                    accepted.append(recipient)
-                    continue
-                error = SmtpReplyError(
-                    response.code,
-                    response.message,
-                    stage=Stage.RCPT,
-                    recipient=recipient,
-                )
-                if _transaction_full(error) and accepted:
-                    # RFC 5321 section 4.5.3.1.10: the rest go in a new transaction.
-                    unsent[:0] = offered[position:]
-                    break
-                if error.disposition is Disposition.FAIL_RECIPIENT:
-                    refused[recipient] = error
-                elif error.disposition is Disposition.DEFER:
-                    deferred[recipient] = error
-                else:
-                    raise error
+            rcpt_commands = [
+                _rcpt_command(recipient, address_encoding) for recipient in offered
+            ]
+            sorter = _RecipientSorter(offered, unsent)
 
-            if not accepted:
-                await self._reset(smtp)
-                return DeliveryResult(
-                    accepted=(),
-                    refused=refused,
-                    deferred=deferred,
-                    unsent=tuple(unsent),
+            if self._pipelining is not None:
+                response = await self._send_pipelined(
+                    self._pipelining, mail_command, rcpt_commands, sorter, source
                 )
-
-            stage = Stage.DATA
-            response = await self._data(smtp, source)
+                if response is None:
+                    return sorter.result()
+            else:
+                await self._mail(smtp, mail_command)
+                self._stage = Stage.RCPT
+                for recipient, command in zip(offered, rcpt_commands, strict=True):
+                    reply = await smtp.execute_command(command[:-2])
+                    if not sorter.take(recipient, reply):
+                        break
+                if not sorter.accepted:
+                    await self._reset(smtp)
+                    return sorter.result()
+                self._stage = Stage.DATA
+                response = await self._data(smtp, source)
         except SmtpReplyError as error:
             if error.reply_code != 421:
                 await self._reset(smtp)
@@ -236,34 +239,94 @@ class UpstreamSession:
         except Exception as exc:
             smtp.close()
             raise translate_exception(
-                exc, stage=stage, settings=self.settings, timeouts=self._timeouts
+                exc, stage=self._stage, settings=self.settings, timeouts=self._timeouts
             ) from exc
 
         self._in_sync = True
         self.messages_sent += 1
-        return DeliveryResult(
-            accepted=tuple(accepted),
-            refused=refused,
-            deferred=deferred,
-            reply=f"{response.code} {response.message}",
-            unsent=tuple(unsent),
-        )
+        return sorter.result(reply=f"{response.code} {response.message}")
+
+    async def _send_pipelined(
+        self,
+        protocol: PipeliningProtocol,
+        mail_command: bytes,
+        rcpt_commands: list[bytes],
+        sorter: _RecipientSorter,
+        source: _MessageSource,
+    ) -> aiosmtplib.SMTPResponse | None:
+        """MAIL, every RCPT and DATA in one write, then their replies in order.
+
+        Returns the reply to the message, or None when no recipient was taken
+        (the transaction is then reset). RFC 2920 section 3.1: DATA ends the
+        group; the message follows only once DATA was answered 354.
+        """
+        timeout = self._timeouts.command
+        protocol.write(mail_command + b"".join(rcpt_commands) + b"DATA\r\n")
+
+        mail_reply = await protocol.read_response(timeout)
+        mail_error: SmtpReplyError | None = None
+        if mail_reply.code != 250:
+            mail_error = SmtpReplyError(
+                mail_reply.code, mail_reply.message, stage=Stage.MAIL
+            )
+            if mail_reply.code == 421:
+                raise mail_error  # the server is closing: no more replies come
+
+        self._stage = Stage.RCPT
+        rcpt_error: SmtpReplyError | None = None
+        for recipient in sorter.offered:
+            reply = await protocol.read_response(timeout)
+            if mail_error is not None or rcpt_error is not None:
+                continue  # answers to commands that no longer count
+            try:
+                sorter.take(recipient, reply, pipelined=True)
+            except SmtpReplyError as error:
+                if reply.code == 421:
+                    raise
+                rcpt_error = error
+        self._stage = Stage.DATA
+        data_reply = await protocol.read_response(timeout)
+
+        failure = mail_error or rcpt_error
+        if failure is not None or not sorter.accepted:
+            if data_reply.code == 354:
+                # DATA was taken although nothing may follow: an empty message
+                # ends it, and its reply is not a delivery (RFC 2920 section 3.1).
+                protocol.write(b".\r\n")
+                await protocol.read_response(timeout)
+            if failure is not None:
+                raise failure
+            await self._reset(self._smtp_or_closed())
+            return None
+        if data_reply.code != 354:
+            raise SmtpReplyError(data_reply.code, data_reply.message, stage=Stage.DATA)
+        return await self._send_body(protocol, source)
+
+    def _smtp_or_closed(self) -> aiosmtplib.SMTP:
+        if self._smtp is None:
+            raise UpstreamConnectionError("the upstream session closed")
+        return self._smtp
 
     async def _data(
         self, smtp: aiosmtplib.SMTP, source: _MessageSource
     ) -> aiosmtplib.SMTPResponse:
-        """DATA with the message sent in blocks, each once the last has left.
-
-        aiosmtplib's data() copies the whole message three times and hands it to
-        the socket in one piece; a 30 MB attachment would cost 120 MB here.
-        """
+        """DATA, then the message once the server said 354."""
         response = await smtp.execute_command(b"DATA")
         if response.code != 354:
             raise SmtpReplyError(response.code, response.message, stage=Stage.DATA)
         protocol = smtp.protocol
         if protocol is None:
             raise UpstreamConnectionError("the upstream session closed before DATA")
+        return await self._send_body(protocol, source)
 
+    async def _send_body(
+        self, protocol: SMTPProtocol, source: _MessageSource
+    ) -> aiosmtplib.SMTPResponse:
+        """The message in blocks, each once the last has left, then its reply.
+
+        aiosmtplib's data() copies the whole message three times and hands it to
+        the socket in one piece; a 30 MB attachment would cost 120 MB here.
+        """
         stuffer = DotStuffer()
         async with asyncio.timeout(self._timeouts.data):
             async for block in source.blocks():
@@ -276,18 +339,8 @@ class UpstreamSession:
             raise SmtpReplyError(response.code, response.message, stage=Stage.DATA)
         return response
 
-    async def _mail(
-        self,
-        smtp: aiosmtplib.SMTP,
-        mail_from: str,
-        options: list[str],
-        encoding: str,
-    ) -> None:
-        # The null reverse-path of a bounce must go out as MAIL FROM:<> (RFC 5321
-        # section 4.5.5), which the library's address quoting does not keep.
-        arguments = [b"FROM:<" + mail_from.encode(encoding) + b">"]
-        arguments += [option.encode("ascii") for option in options]
-        response = await smtp.execute_command(b"MAIL", *arguments)
+    async def _mail(self, smtp: aiosmtplib.SMTP, mail_command: bytes) -> None:
+        response = await smtp.execute_command(mail_command[:-2])
         if response.code != 250:
             raise SmtpReplyError(response.code, response.message, stage=Stage.MAIL)
 
@@ -316,6 +369,7 @@ class UpstreamSession:
         """Say QUIT if the server is still listening, then drop the connection."""
         smtp, self._smtp = self._smtp, None
         self._in_sync = False
+        self._pipelining = None
         if smtp is None:
             return
         try:
@@ -324,6 +378,214 @@ class UpstreamSession:
         except Exception:
             # QUIT is a courtesy: a server that has already gone needs nothing more.
             smtp.close()
+
+
+def _mail_command(mail_from: str, options: list[str], encoding: str) -> bytes:
+    # The null reverse-path of a bounce must go out as MAIL FROM:<> (RFC 5321
+    # section 4.5.5), which the library's address quoting does not keep.
+    arguments = [b"MAIL FROM:<" + mail_from.encode(encoding) + b">"]
+    arguments += [option.encode("ascii") for option in options]
+    command = b" ".join(arguments)
+    if _COMMAND_BREAK.search(command):
+        raise ValueError("an envelope address holds a line break")
+    return command + b"\r\n"
+
+
+def _rcpt_command(recipient: str, encoding: str) -> bytes:
+    command = b"RCPT TO:<" + recipient.encode(encoding) + b">"
+    if _COMMAND_BREAK.search(command):
+        raise ValueError("an envelope address holds a line break")
+    return command + b"\r\n"
+
+
+class _RecipientSorter:
+    """Sorts a transaction's recipients by the server's answers to their RCPT."""
+
+    def __init__(self, offered: list[str], unsent: list[str]) -> None:
+        self.offered = offered
+        self.unsent = unsent
+        self._never_offered = len(unsent)
+        self.accepted: list[str] = []
+        self.refused: dict[str, SmtpReplyError] = {}
+        self.deferred: dict[str, SmtpReplyError] = {}
+
+    def take(
+        self,
+        recipient: str,
+        reply: aiosmtplib.SMTPResponse,
+        *,
+        pipelined: bool = False,
+    ) -> bool:
+        """File one answer; False when the transaction is full and the rest of
+        the offered recipients wait for the next one. Raises the reply as an
+        error when it stops the whole message (not a recipient's own fault)."""
+        if reply.code in (250, 251):
+            self.accepted.append(recipient)
+            return True
+        error = SmtpReplyError(
+            reply.code, reply.message, stage=Stage.RCPT, recipient=recipient
+        )
+        if _transaction_full(error) and self.accepted:
+            # RFC 5321 section 4.5.3.1.10: the rest go in a new transaction. Sent
+            # in one group, each later one is answered: this one waits alone.
+            if pipelined:
+                self.unsent.insert(len(self.unsent) - self._never_offered, recipient)
+                return True
+            position = self.offered.index(recipient)
+            self.unsent[:0] = self.offered[position:]
+            return False
+        if error.disposition is Disposition.FAIL_RECIPIENT:
+            self.refused[recipient] = error
+        elif error.disposition is Disposition.DEFER:
+            self.deferred[recipient] = error
+        else:
+            raise error
+        return True
+
+    def result(self, *, reply: str = "") -> DeliveryResult:
+        return DeliveryResult(
+            accepted=tuple(self.accepted),
+            refused=self.refused,
+            deferred=self.deferred,
+            reply=reply,
+            unsent=tuple(self.unsent),
+        )
+
+
+class PipeliningProtocol(SMTPProtocol):
+    """aiosmtplib's protocol, keeping every reply of a pipelined group (RFC 2920).
+
+    aiosmtplib reads one reply per command and drops what arrives while no
+    command waits, which is every reply after the first of a group. This one
+    parses every complete reply as it comes into a queue that read_response()
+    takes from in order; aiosmtplib's own commands (RSET, NOOP, QUIT) keep
+    working through it.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop | None = None,
+        connection_lost_callback: Callable[[SMTPProtocol], None] | None = None,
+    ) -> None:
+        super().__init__(loop=loop, connection_lost_callback=connection_lost_callback)
+        self._incoming = bytearray()
+        self._replies: collections.deque[aiosmtplib.SMTPResponse] = collections.deque()
+        self._reply_waiter: asyncio.Future[None] | None = None
+        self._failure: Exception | None = None
+
+    @classmethod
+    def take_over(cls, smtp: aiosmtplib.SMTP) -> PipeliningProtocol | None:
+        """Put a pipelining protocol under an open, idle aiosmtplib session."""
+        transport, previous = smtp.transport, smtp.protocol
+        if transport is None or previous is None:
+            return None
+
+        def lost(protocol: SMTPProtocol) -> None:
+            if smtp.protocol is protocol:
+                smtp.close()
+
+        protocol = cls(loop=asyncio.get_running_loop(), connection_lost_callback=lost)
+        protocol.connection_made(transport)
+        transport.set_protocol(protocol)
+        smtp.protocol = protocol
+        return protocol
+
+    def data_received(self, data: bytes) -> None:
+        if self._failure is not None:
+            return
+        self._incoming += data
+        try:
+            self._replies.extend(_complete_replies(self._incoming))
+        except aiosmtplib.SMTPResponseException as exc:
+            self._fail(exc)
+            return
+        if len(self._incoming) > _MAX_REPLY_BUFFER:
+            self._fail(
+                aiosmtplib.SMTPResponseException(
+                    aiosmtplib.SMTPStatus.invalid_response, "Response too long"
+                )
+            )
+            return
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._fail(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._quit_sent and not self._replies:
+            # A server may hang up on QUIT without a word: that is its goodbye.
+            self._replies.append(
+                aiosmtplib.SMTPResponse(aiosmtplib.SMTPStatus.closing, "")
+            )
+        lost = aiosmtplib.SMTPServerDisconnected("Connection lost")
+        if exc is not None:
+            lost.__cause__ = exc
+        self._fail(lost)
+        super().connection_lost(exc)
+
+    def _fail(self, failure: Exception) -> None:
+        if self._failure is None:
+            self._failure = failure
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._reply_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def read_response(
+        self, timeout: float | None = None
+    ) -> aiosmtplib.SMTPResponse:
+        """The next reply in order; waits up to `timeout` seconds for it."""
+        while not self._replies:
+            if self._failure is not None:
+                raise self._failure
+            waiter = self._loop.create_future()
+            self._reply_waiter = waiter
+            try:
+                async with asyncio.timeout(timeout):
+                    await waiter
+            except TimeoutError as exc:
+                raise aiosmtplib.SMTPReadTimeoutError(
+                    "Timed out waiting for server response"
+                ) from exc
+            finally:
+                self._reply_waiter = None
+        return self._replies.popleft()
+
+
+def _complete_replies(buffer: bytearray) -> list[aiosmtplib.SMTPResponse]:
+    """Take every complete reply (RFC 5321 section 4.2) off the front of buffer."""
+    replies: list[aiosmtplib.SMTPResponse] = []
+    lines: list[bytes] = []
+    consumed = 0
+    start = 0
+    while True:
+        end = buffer.find(b"\n", start)
+        if end == -1:
+            break
+        line = bytes(buffer[start : end + 1])
+        start = end + 1
+        if len(line) > _MAX_REPLY_LINE:
+            raise aiosmtplib.SMTPResponseException(
+                aiosmtplib.SMTPStatus.invalid_response, "Response too long"
+            )
+        code_text = line[:3]
+        if not code_text.isdigit() or line[3:4] not in (b" ", b"-", b"\r", b"\n"):
+            raise aiosmtplib.SMTPResponseException(
+                aiosmtplib.SMTPStatus.invalid_response,
+                "Malformed SMTP response line: "
+                + line.decode("utf-8", "replace").strip(),
+            )
+        lines.append(line[4:].strip(b" \t\r\n"))
+        if line[3:4] != b"-":
+            text = b"\n".join(lines).decode("utf-8", "surrogateescape")
+            replies.append(aiosmtplib.SMTPResponse(int(code_text), text))
+            lines = []
+            consumed = start
+    del buffer[:consumed]
+    return replies
 
 
 def starttls_not_offered(settings: MailSettings) -> UpstreamTlsError:

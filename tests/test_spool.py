@@ -1041,3 +1041,38 @@ async def test_spool_database_without_auto_vacuum_is_converted_at_open(
     connection.close()
 
     assert (before, after, body) == (0, 2, SMALL_BODY)
+
+
+async def test_spool_outcomes_recorded_at_once_each_get_their_own_result(
+    spool: Spool,
+) -> None:
+    queue_ids = [
+        await store(spool, recipients=["a@example.com", "b@example.com"])
+        for _ in range(30)
+    ]
+    await spool.claim_due(limit=30)
+
+    # Even ones all delivered, odd ones with b refused: one commit takes many.
+    outcomes = await asyncio.gather(
+        *(
+            spool.record_attempt(
+                queue_id,
+                delivered=["a@example.com"]
+                if n % 2
+                else ["a@example.com", "b@example.com"],
+                failed={"b@example.com": "550 5.1.1 User unknown"} if n % 2 else {},
+            )
+            for n, queue_id in enumerate(queue_ids)
+        )
+    )
+
+    assert [
+        None if outcome is None else (outcome.queue_id, outcome.state)
+        for outcome in outcomes
+    ] == [
+        (queue_id, MessageState.FAILED) if n % 2 else None
+        for n, queue_id in enumerate(queue_ids)
+    ]
+    assert [await spool.has_body(queue_id) for queue_id in queue_ids] == [
+        n % 2 == 1 for n in range(30)
+    ]

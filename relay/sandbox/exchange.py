@@ -213,6 +213,9 @@ _SENDER_ALREADY_SPECIFIED = Reply.of(
 )
 _NEED_MAIL = Reply.of(ReplyCode.BAD_SEQUENCE, "5.5.2 Need mail command")
 _NEED_RCPT = Reply.of(ReplyCode.BAD_SEQUENCE, "5.5.2 Need rcpt command")
+_NO_VALID_RECIPIENTS = Reply.of(
+    ReplyCode.TRANSACTION_FAILED, "5.5.1 No valid recipients"
+)
 _UNRECOGNIZED_MECHANISM = Reply.of(
     ReplyCode.PARAMETER_NOT_IMPLEMENTED, "5.7.4 Unrecognized authentication type"
 )
@@ -344,6 +347,9 @@ class SessionRecord:
     auth_mechanism: str | None = None
     # Bytes the client pipelined after STARTTLS, thrown away unread (RFC 3207 §5).
     discarded_after_starttls: int = 0
+    # Commands that were already here when the one before them was read: the
+    # client sent them without waiting for a reply (RFC 2920 PIPELINING).
+    pipelined_commands: int = 0
     # An unexpected exception inside the sandbox itself.
     error: str | None = None
     closed: bool = False
@@ -377,9 +383,12 @@ class _RecordingReader(asyncio.StreamReader):
         super().__init__(limit=limit)
         self.recording = recording
         self.plaintext = bytearray()
+        # How many pieces of data arrived, before and after TLS.
+        self.feeds = 0
 
     def feed_data(self, data: Iterable[SupportsIndex]) -> None:
         chunk = bytes(data)
+        self.feeds += 1
         if self.recording:
             self.plaintext += chunk
         super().feed_data(chunk)
@@ -454,6 +463,8 @@ class _Session:
         # Bytes taken out of the reader; with its feed count it tells what a client
         # pipelined behind STARTTLS.
         self._consumed = 0
+        # The reader's feed count when the last command was read.
+        self._feeds_at_last_command = -1
         self._tls = False
         self._legacy_tls = False
         self._greeted = False
@@ -557,6 +568,12 @@ class _Session:
             self._log("client", f"<command line over {limit} octets>")
             await self._send(_LINE_TOO_LONG)
             return None
+
+        # No data came since the last command was read: this one was already
+        # here, sent before that command's reply.
+        if self._reader.feeds == self._feeds_at_last_command:
+            self.record.pipelined_commands += 1
+        self._feeds_at_last_command = self._reader.feeds
 
         line = raw.rstrip(b"\r\n").decode("utf-8", errors="replace")
         self._log("client", line)
@@ -673,7 +690,9 @@ class _Session:
 
         self._reset_transaction()
         self._greeted = True
-        keywords = [f"SIZE {ADVERTISED_MESSAGE_SIZE}", "PIPELINING"]
+        keywords = [f"SIZE {ADVERTISED_MESSAGE_SIZE}"]
+        if self._exchange.offer_pipelining:
+            keywords.append("PIPELINING")
         keywords.append("ENHANCEDSTATUSCODES")
         if self._offers_tls():
             keywords.append("STARTTLS")
@@ -952,6 +971,9 @@ class _Session:
             await self._send(_NEED_MAIL)
             return
         if not self._recipients:
+            if self._exchange.accept_data_without_recipients:
+                await self._swallow_message()
+                return
             await self._send(_NEED_RCPT)
             return
         if await self._answer_fault(Stage.DATA_COMMAND, self._recipients):
@@ -960,6 +982,17 @@ class _Session:
         await self._send(_START_MAIL_INPUT)
         try:
             await self._finish_message(self._mail_from)
+        finally:
+            self._reset_transaction()
+
+    async def _swallow_message(self) -> None:
+        """354 with no recipient, as RFC 2920 section 3.1 allows a server to
+        answer a pipelined DATA: the message is read and refused as a whole."""
+        await self._send(_START_MAIL_INPUT)
+        try:
+            _, size = await self._receive_message_body()
+            self._log("client", f"<{size} octets of message data>")
+            await self._send(_NO_VALID_RECIPIENTS)
         finally:
             self._reset_transaction()
 
@@ -1088,6 +1121,8 @@ class SandboxExchange:
         messages_per_minute: int | None = None,
         rate_window: float = _RATE_WINDOW_SECONDS,
         enforce_send_as: bool = False,
+        offer_pipelining: bool = True,
+        accept_data_without_recipients: bool = False,
         max_sessions: int = 50,
         max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
         idle_timeout: float = 60.0,
@@ -1124,6 +1159,9 @@ class SandboxExchange:
         # The "minute" of messages_per_minute; tests shorten it to run quickly.
         self.rate_window = rate_window
         self.enforce_send_as = enforce_send_as
+        self.offer_pipelining = offer_pipelining
+        # Answer DATA 354 even when no recipient was taken (see _swallow_message).
+        self.accept_data_without_recipients = accept_data_without_recipients
         self.max_sessions = max_sessions
         self.max_line_length = max_line_length
         self.idle_timeout = idle_timeout
