@@ -54,6 +54,11 @@ _UNREACHABLE_CATEGORIES = frozenset(
 STOP_GRACE_SECONDS = 10.0
 # How often an idle worker looks whether its session should close.
 IDLE_CHECK_SECONDS = 1.0
+# Messages claimed ahead for each worker while mail flows: one trip to the
+# spool fills the queue for several deliveries, and the dispatcher is woken to
+# refill it only once it runs low. After a failure, one ahead each, so that
+# few messages are tried against a server that has just gone away.
+QUEUE_AHEAD_PER_WORKER = 4
 # Bodies up to this size are read at once, from the event loop; bigger ones are
 # read whole in a thread, and the biggest are sent from their file in blocks.
 READ_INLINE_BODY_BYTES = 16 * 1024
@@ -196,6 +201,8 @@ class DeliveryService:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Dispatch due messages to the workers until `stop` is set."""
+        stopping = asyncio.create_task(stop.wait())
+        stopping.add_done_callback(lambda _: self._wake.set())
         try:
             counts = await self._spool.counts_by_state()
             self.held = counts.get(MessageState.HELD, 0) > 0
@@ -221,6 +228,7 @@ class DeliveryService:
                     timeout = self._config.delivery.poll_interval
                 await self._sleep(stop, timeout)
         finally:
+            stopping.cancel()
             await self._stop_workers(workers)
             self.limits.budget.save()
 
@@ -281,12 +289,13 @@ class DeliveryService:
             await self.release_hold()
 
     def _free_slots(self) -> int:
-        """How many more messages to claim: one for each idle worker, one ahead each.
-
-        The message waiting behind each worker's current one means a worker never
-        waits for the dispatcher between two messages.
-        """
-        return self._idle_workers + self._worker_count - self._queue.qsize()
+        """How many more messages to claim: one for each idle worker, and some
+        ahead each, so that a worker never waits for the dispatcher between two
+        messages (QUEUE_AHEAD_PER_WORKER while mail flows, else one)."""
+        ahead = self._worker_count
+        if self.last_error is None and not self.held:
+            ahead *= QUEUE_AHEAD_PER_WORKER
+        return self._idle_workers + ahead - self._queue.qsize()
 
     async def _seconds_until_due(self) -> float:
         """How long the dispatcher may sleep; a wake() cuts it short."""
@@ -332,16 +341,12 @@ class DeliveryService:
         return self.limits.for_mailbox(self._settings.current.username).blocked_until()
 
     async def _sleep(self, stop: asyncio.Event, timeout: float) -> None:
+        # `stop` wakes it too: run() sets the wake event when stop is set.
+        if stop.is_set():
+            return
         with contextlib.suppress(TimeoutError):
-            waiter = asyncio.create_task(self._wake.wait())
-            stopper = asyncio.create_task(stop.wait())
-            try:
-                await asyncio.wait(
-                    {waiter, stopper}, timeout=timeout, return_when="FIRST_COMPLETED"
-                )
-            finally:
-                waiter.cancel()
-                stopper.cancel()
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
 
     async def _worker(self) -> None:
         session: UpstreamSession | None = None
@@ -369,7 +374,8 @@ class DeliveryService:
                     self._in_flight.pop(message.queue_id, None)
                     self._idle_workers += 1
                     idle_since = time.monotonic()
-                    self.wake()
+                    if self._queue.qsize() <= self._worker_count or self.last_error:
+                        self.wake()
         finally:
             await self._end_session(session)
 

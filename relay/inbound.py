@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import hmac
 import inspect
 import ipaddress
@@ -203,13 +204,19 @@ def received_header(
     *, helo: str | None, client_address: str, hostname: str, queue_hint: str
 ) -> bytes:
     """The RFC 5321 section 4.4 trace header this relay adds."""
-    stamp = format_datetime(datetime.now(UTC))
+    stamp = _date_stamp(int(time.time()))
     helo_text = _header_safe(helo or "unknown")
     return (
         f"Received: from {helo_text} ([{client_address}])\r\n"
         f"\tby {hostname} (epp-mail-relay) with ESMTP id {queue_hint};\r\n"
         f"\t{stamp}\r\n"
     ).encode()
+
+
+@functools.lru_cache(maxsize=2)
+def _date_stamp(second: int) -> str:
+    # One RFC 5322 date per second, however many messages arrive in it.
+    return format_datetime(datetime.fromtimestamp(second, UTC))
 
 
 def _header_safe(text: str) -> str:
@@ -388,9 +395,12 @@ class RelaySMTP(SMTP):
         allowed_networks: Iterable[IpNetwork],
         authenticator: Callable[..., AuthResult] | None,
         connections: set[RelaySMTP],
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(
             handler,
+            # Given, aiosmtpd need not look the loop up for every connection.
+            loop=loop,
             data_size_limit=config.max_message_size,
             enable_SMTPUTF8=True,
             decode_data=False,
@@ -412,6 +422,7 @@ class RelaySMTP(SMTP):
         self._min_data_bytes = config.min_data_rate * config.idle_timeout
         self._bytes_received = 0
         self._bytes_at_last_timeout = 0
+        self._idle_deadline = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -435,7 +446,30 @@ class RelaySMTP(SMTP):
         self._bytes_received += len(data)
         super().data_received(data)
 
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd replaces the idle timer at every command; here the deadline
+        # moves and the timer, when it fires early, sets itself again for the rest.
+        seconds = duration or self._timeout_duration
+        now = self.loop.time()
+        self._idle_deadline = now + seconds
+        handle = self._timeout_handle
+        if (
+            handle is not None
+            and not handle.cancelled()
+            and now < handle.when() <= self._idle_deadline
+        ):
+            return
+        if handle is not None:
+            handle.cancel()
+        self._timeout_handle = self.loop.call_at(self._idle_deadline, self._timeout_cb)
+
     def _timeout_cb(self) -> None:
+        now = self.loop.time()
+        if now < self._idle_deadline:
+            self._timeout_handle = self.loop.call_at(
+                self._idle_deadline, self._timeout_cb
+            )
+            return
         # During DATA the body is read in blocks, and a slow client may send for
         # a long while before a block is complete: it is not idle while it keeps
         # up the minimum rate, but a trickle of a byte now and then is.
@@ -463,14 +497,7 @@ class RelaySMTP(SMTP):
         return False
 
     def _peer_allowed(self, peer: Any) -> bool:
-        host = _peer_host(peer)
-        try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in network for network in self._allowed_networks)
+        return _host_allowed(_peer_host(peer), self._allowed_networks)
 
     def __dir__(self) -> list[str]:
         """The command and AUTH method names only: what aiosmtpd looks for in dir().
@@ -636,6 +663,18 @@ def _terminator_started(tail: bytes) -> int:
     return 0
 
 
+@functools.lru_cache(maxsize=256)
+def _host_allowed(host: str, allowed_networks: tuple[IpNetwork, ...]) -> bool:
+    """Whether a client address is inside the allowed networks (judged once)."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(address in network for network in allowed_networks)
+
+
 def _refuse(transport: asyncio.BaseTransport, reply: bytes) -> None:
     """Answer a connection that gets no session, and hang up."""
     # uvloop's transports write like asyncio's but do not subclass its
@@ -713,6 +752,7 @@ class InboundServer:
         self._servers: list[asyncio.AbstractServer] = []
         self.connections: set[RelaySMTP] = set()
         self.port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _protocol(self) -> RelaySMTP:
         return RelaySMTP(
@@ -721,11 +761,13 @@ class InboundServer:
             allowed_networks=self._config.allowed_networks,
             authenticator=self._authenticator,
             connections=self.connections,
+            loop=self._loop,
         )
 
     async def start(self) -> None:
         """Bind every address; port 0 picks one free port shared by all of them."""
         loop = asyncio.get_running_loop()
+        self._loop = loop
         port = self._config.port
         for address in self._config.addresses:
             server = await loop.create_server(

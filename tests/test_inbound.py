@@ -565,3 +565,34 @@ async def test_inbound_slow_sender_in_data_is_not_cut_off_as_idle(
     # 100 bytes every 0.3 s: slow, but above the minimum DATA rate (256 B/s).
     reply = await asyncio.to_thread(_trickle_data, relay.port, lines=10, pause=0.3)
     assert reply.startswith(b"250 ")
+
+
+def _pause_between_commands(port: int, pauses: list[float]) -> list[bytes]:
+    """NOOP after each pause; the replies, ending with what the relay said last."""
+    replies = []
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        stream = sock.makefile("rb")
+        _read_reply(stream)
+        for pause in pauses:
+            time.sleep(pause)
+            try:
+                sock.sendall(b"NOOP\r\n")
+            except OSError:
+                replies.append(b"<closed>")
+                break
+            replies.append(_read_reply(stream) or b"<closed>")
+    return replies
+
+
+async def test_inbound_idle_timeout_counts_from_the_last_command(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(
+        basic_settings(exchange.port), overrides={"listen": {"idle_timeout": 1.0}}
+    )
+    # Three gaps of 0.6 s (1.8 s in all, each under the timeout), then 1.6 s idle.
+    replies = await asyncio.to_thread(
+        _pause_between_commands, relay.port, [0.6, 0.6, 0.6, 1.6]
+    )
+
+    assert [reply[:3] == b"250" for reply in replies] == [True, True, True, False]

@@ -972,8 +972,7 @@ async def test_spool_cancelled_stores_leave_no_body_without_a_row(
 async def test_spool_near_the_floor_keeps_small_bodies_as_files(
     spool_dir: Path,
 ) -> None:
-    spool_dir.mkdir(parents=True)
-    usage = os.statvfs(spool_dir)
+    usage = os.statvfs(spool_dir.parent)
     free = usage.f_bavail * usage.f_frsize
     # 8 MB above the floor: inside the headroom the database needs for itself.
     spool = Spool(spool_dir, min_free_bytes=free - 8 * 1024 * 1024)
@@ -1066,13 +1065,16 @@ async def test_spool_outcomes_recorded_at_once_each_get_their_own_result(
         )
     )
 
-    assert [
-        None if outcome is None else (outcome.queue_id, outcome.state)
-        for outcome in outcomes
-    ] == [
-        (queue_id, MessageState.FAILED) if n % 2 else None
-        for n, queue_id in enumerate(queue_ids)
-    ]
-    assert [await spool.has_body(queue_id) for queue_id in queue_ids] == [
-        n % 2 == 1 for n in range(30)
-    ]
+    assert (
+        [
+            None if outcome is None else (outcome.queue_id, outcome.state)
+            for outcome in outcomes
+        ],
+        [await spool.has_body(queue_id) for queue_id in queue_ids],
+    ) == (
+        [
+            (queue_id, MessageState.FAILED) if n % 2 else None
+            for n, queue_id in enumerate(queue_ids)
+        ],
+        [n % 2 == 1 for n in range(30)],
+    )
