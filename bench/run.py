@@ -837,8 +837,10 @@ def report(
     memory: dict[str, Any] | None,
     burst: dict[str, Any] | None,
     arguments: argparse.Namespace,
+    runs: list[Result] | None = None,
 ) -> str:
-    """The markdown page: how it was measured, the table, memory, burst, targets."""
+    """The markdown page: how it was measured, the table, each run, memory,
+    burst, targets."""
     now = datetime.datetime.now(datetime.UTC)
     loop = "uvloop" if _has_uvloop() else "asyncio's event loop"
     lines = [
@@ -869,6 +871,8 @@ def report(
         same_size = [result for result in results if result.size == size]
         postfix = next((r for r in same_size if r.name == "postfix"), None)
         lines += [_table_row(result, postfix) for result in same_size]
+    if runs:
+        lines += ["", *_run_lines(runs)]
     if memory is not None:
         delivered = memory["end_to_end_seconds"] or float("nan")
         lines += [
@@ -897,6 +901,29 @@ def report(
         ]
     lines += ["", "## Targets", "", *targets(results, memory=memory, burst=burst)]
     return "\n".join(lines) + "\n"
+
+
+def _run_lines(runs: list[Result]) -> list[str]:
+    """Every run, in the order they ran: the spread behind the medians."""
+    lines = [
+        "## Each run",
+        "",
+        "In the order they ran; relay and Postfix alternate. The sink's CPU is the",
+        "upstream server's cost for the same messages.",
+        "",
+        "| size | scenario | accept/s | end-to-end/s | CPU ms/msg | notes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        if run.name not in ("relay", "postfix"):
+            continue
+        cpu = run.cpu_ms_per_message
+        lines.append(
+            f"| {run.size // 1024} KB | {run.name} | {_rate(run.accept_rate)} "
+            f"| {_rate(run.end_to_end_rate)} "
+            f"| {'-' if cpu is None else f'{cpu:.2f}'} | {'; '.join(run.notes)} |"
+        )
+    return lines
 
 
 def targets(
@@ -1059,7 +1086,13 @@ def main() -> int:
         if not arguments.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    text = report(medians(results), memory=memory, burst=burst, arguments=arguments)
+    text = report(
+        medians(results),
+        runs=results,
+        memory=memory,
+        burst=burst,
+        arguments=arguments,
+    )
     arguments.output.parent.mkdir(parents=True, exist_ok=True)
     arguments.output.write_text(text)
     print(text)

@@ -987,8 +987,8 @@ async def test_spool_near_the_floor_keeps_small_bodies_as_files(
 async def test_spool_stores_more_body_bytes_at_once_than_one_commit_takes(
     spool: Spool,
 ) -> None:
-    # 40 x 200 KB = 8 MB waiting together: more than one commit's share.
-    bodies = [bytes([65 + n % 26]) * 200_000 for n in range(40)]
+    # 100 x 60 KB = 6 MB waiting together: more than one commit's share.
+    bodies = [bytes([65 + n % 26]) * 60_000 for n in range(100)]
 
     queue_ids = await asyncio.wait_for(
         asyncio.gather(*(store(spool, body=body) for body in bodies)), timeout=60
@@ -999,7 +999,7 @@ async def test_spool_stores_more_body_bytes_at_once_than_one_commit_takes(
 
 async def test_spool_gives_free_pages_back_once_the_queue_drains(spool: Spool) -> None:
     queue_ids = [
-        await store(spool, body=bytes([65 + n % 26]) * 100_000) for n in range(60)
+        await store(spool, body=bytes([65 + n % 26]) * 60_000) for n in range(100)
     ]
     database = spool.directory / "spool.db"
 
