@@ -88,6 +88,8 @@ START_DATA_REPLY = "354 End data with <CR><LF>.<CR><LF>"
 # Bodies up to this size stay in memory; bigger ones are written to the spool as
 # they arrive. 256 KiB covers nearly all alerts and reports.
 BODY_MEMORY_LIMIT = 256 * 1024
+# A full spool is logged at most this often, with the count of refusals.
+SPOOL_FULL_LOG_SECONDS = 60.0
 # The most DATA bytes read in one block (the reader pauses the socket at twice
 # that): large enough that a 100 KB message takes one or two trips, small enough
 # for hundreds of concurrent clients.
@@ -229,6 +231,9 @@ class RelayHandler:
     def __init__(self, *, config: ListenConfig, sink: MessageSink) -> None:
         self._config = config
         self._sink = sink
+        # Refusals for a full spool since the last "spool_full" log line.
+        self._spool_full_refusals = 0
+        self._spool_full_logged_at = -SPOOL_FULL_LOG_SECONDS
 
     def __dir__(self) -> list[str]:
         """The hook and AUTH method names aiosmtpd looks for, as on RelaySMTP."""
@@ -274,6 +279,7 @@ class RelayHandler:
         # section 6.1: 452 when the size is acceptable but space is short now).
         if not self._sink.has_room_for(_declared_size(mail_options)):
             envelope.mail_from = None
+            self._note_spool_full(_peer_host(session.peer))
             return STORAGE_FULL_REPLY
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Sender OK"
@@ -327,8 +333,22 @@ class RelayHandler:
                 client_address=client_address,
             )
         except SpoolFullError:
-            log.warning("spool_full", client=client_address)
+            self._note_spool_full(client_address)
             return STORAGE_FULL_REPLY
+
+    def _note_spool_full(self, client_address: str) -> None:
+        """Say why clients get 452, once a minute at most however many there are."""
+        self._spool_full_refusals += 1
+        now = time.monotonic()
+        if now - self._spool_full_logged_at < SPOOL_FULL_LOG_SECONDS:
+            return
+        log.warning(
+            "spool_full",
+            client=client_address,
+            refused=self._spool_full_refusals,
+        )
+        self._spool_full_logged_at = now
+        self._spool_full_refusals = 0
 
     async def handle_exception(self, error: Exception) -> str:
         # aiosmtpd would otherwise answer "500 Error: (Type) text", which tells the

@@ -289,9 +289,14 @@ class UpstreamSession:
 
         failure = mail_error or rcpt_error
         if failure is not None or not sorter.accepted:
-            if data_reply.code == 354:
-                # DATA was taken although nothing may follow: an empty message
-                # ends it, and its reply is not a delivery (RFC 2920 section 3.1).
+            if data_reply.code == 354 and sorter.accepted:
+                # The server waits for a message to recipients it took, but the
+                # transaction is abandoned: a lone "." would deliver them an empty
+                # message, so the connection is dropped instead.
+                self._smtp_or_closed().close()
+            elif data_reply.code == 354:
+                # DATA taken with no recipient (RFC 2920 section 3.1): an empty
+                # message ends it, and the server refuses it as a whole.
                 protocol.write(b".\r\n")
                 await protocol.read_response(timeout)
             if failure is not None:
@@ -425,6 +430,9 @@ class _RecipientSorter:
         error = SmtpReplyError(
             reply.code, reply.message, stage=Stage.RCPT, recipient=recipient
         )
+        if reply.code == 421:
+            # The server is closing the session: nothing more will be answered.
+            raise error
         if _transaction_full(error) and self.accepted:
             # RFC 5321 section 4.5.3.1.10: the rest go in a new transaction. Sent
             # in one group, each later one is answered: this one waits alone.

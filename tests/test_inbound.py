@@ -7,10 +7,12 @@ import base64
 import itertools
 import re
 import shutil
+import smtplib
 import socket
 import time
 from pathlib import Path
 
+import structlog.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -596,3 +598,26 @@ async def test_inbound_idle_timeout_counts_from_the_last_command(
     )
 
     assert [reply[:3] == b"250" for reply in replies] == [True, True, True, False]
+
+
+async def test_inbound_full_spool_refusals_are_logged_once_a_minute(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(
+        basic_settings(exchange.port),
+        # A floor no disk reaches: every message is refused for want of room.
+        overrides={"paths": {"spool_min_free_bytes": 2**62}},
+    )
+
+    def mail_reply() -> int:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=15) as client:
+            client.ehlo("legacy.local")
+            return client.mail("alerts@appliance.test")[0]
+
+    with structlog.testing.capture_logs() as logged:
+        codes = [await asyncio.to_thread(mail_reply) for _ in range(3)]
+
+    assert (
+        codes,
+        [(e["event"], e["refused"]) for e in logged if e["event"] == "spool_full"],
+    ) == ([452, 452, 452], [("spool_full", 1)])

@@ -229,3 +229,54 @@ def test_pipelining_reply_parser_takes_complete_replies_only() -> None:
 def test_pipelining_reply_parser_refuses_a_malformed_line(line: bytes) -> None:
     with pytest.raises(aiosmtplib.SMTPResponseException, match="Malformed"):
         _complete_replies(bytearray(line))
+
+
+async def test_pipelining_abandoned_group_after_354_delivers_no_empty_message(
+    session_for: SessionFactory,
+) -> None:
+    # a@ is taken, b@ is throttled: the server still answers DATA 354 for a@,
+    # and ending that with a lone "." would deliver an empty message to a@.
+    session, server = await session_for()
+    server.faults.append(
+        Fault(
+            stage=SandboxStage.RCPT,
+            action=FaultAction.REPLY,
+            reply=Reply.of(451, "4.7.500 Server busy. Please try again later"),
+            match="b@contoso.test",
+            times=1,
+        )
+    )
+
+    with pytest.raises(SmtpReplyError) as throttled:
+        await _send(session, ["a@contoso.test", "b@contoso.test"])
+    usable_after = session.usable
+
+    assert (
+        throttled.value.stage,
+        throttled.value.reply_code,
+        usable_after,
+        server.messages,
+    ) == (Stage.RCPT, 451, False, [])
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "one-by-one"])
+async def test_pipelining_421_at_rcpt_is_the_servers_reply_not_a_lost_connection(
+    session_for: SessionFactory, pipelining: bool
+) -> None:
+    session, server = await session_for(offer_pipelining=pipelining)
+    server.faults.append(
+        Fault(
+            stage=SandboxStage.RCPT,
+            action=FaultAction.REPLY,
+            reply=Reply.of(421, "4.3.2 Service not available"),
+        )
+    )
+
+    with pytest.raises(SmtpReplyError) as closing:
+        await _send(session, ["a@contoso.test"])
+
+    assert (closing.value.stage, closing.value.reply_code, server.messages) == (
+        Stage.RCPT,
+        421,
+        [],
+    )
