@@ -231,10 +231,15 @@ class _PendingStore:
     """
 
     message: _NewMessage
-    committed: asyncio.Future[None]
+    waiter: asyncio.Future[None]
     body: bytes | None = None
     inline: bytes | None = None
     error: BaseException | None = None
+
+    @property
+    def result(self) -> None:
+        """What the waiter learns on success: nothing beyond the commit."""
+        return None
 
 
 @dataclass(eq=False)
@@ -244,10 +249,15 @@ class _PendingOutcome:
     queue_id: str
     delivered: tuple[str, ...]
     failed: dict[str, str]
-    recorded: asyncio.Future[QueuedMessage | None]
+    waiter: asyncio.Future[QueuedMessage | None]
     message: QueuedMessage | None = None
     body_file_left: bool = False
     error: BaseException | None = None
+
+    @property
+    def result(self) -> QueuedMessage | None:
+        """What the waiter learns on success: the message, or None once gone."""
+        return self.message
 
 
 _NO_FAILURES: Mapping[str, str] = types.MappingProxyType({})
@@ -686,12 +696,12 @@ class Spool:
                 if body is None:
                     # Nobody will answer 250 for it, so its body must not linger.
                     self.body_path(message.queue_id).unlink(missing_ok=True)
-            elif pending.committed.done() and not pending.committed.cancelled():
-                pending.committed.exception()  # retrieved: this store is abandoned
+            elif pending.waiter.done() and not pending.waiter.cancelled():
+                pending.waiter.exception()  # retrieved: this store is abandoned
             raise
 
         # The commit's failure, if any, arrives here for every store in the batch.
-        await pending.committed
+        await pending.waiter
         return pending.message.queue_id
 
     async def _commit_pending_stores(self) -> None:
@@ -702,7 +712,7 @@ class Spool:
         )
         # Settled from the task, so that the whole batch learns the outcome even if
         # the store that started the commit is cancelled.
-        task.add_done_callback(functools.partial(_settle_pending_stores, batch))
+        task.add_done_callback(functools.partial(_settle_batch, batch))
         await _wait_until_done(task)
 
     def _store_batch(self, batch: list[_PendingStore]) -> None:
@@ -956,17 +966,15 @@ class Spool:
                         functools.partial(self._record_batch_blocking, batch),
                         action="recording a delivery attempt",
                     )
-                    task.add_done_callback(
-                        functools.partial(_settle_pending_outcomes, batch)
-                    )
+                    task.add_done_callback(functools.partial(_settle_batch, batch))
                     await _wait_until_done(task)
         except asyncio.CancelledError:
             if pending in self._pending_outcomes:
                 self._pending_outcomes.remove(pending)
-            elif pending.recorded.done() and not pending.recorded.cancelled():
-                pending.recorded.exception()  # retrieved: nobody waits for it now
+            elif pending.waiter.done() and not pending.waiter.cancelled():
+                pending.waiter.exception()  # retrieved: nobody waits for it now
             raise
-        return await pending.recorded
+        return await pending.waiter
 
     def _record_batch_blocking(self, batch: list[_PendingOutcome]) -> None:
         connection = self._writer_connection()
@@ -1384,22 +1392,6 @@ async def _wait_until_done(task: asyncio.Future[Any]) -> None:
         raise cancellation
 
 
-def _settle_pending_outcomes(
-    batch: list[_PendingOutcome], task: asyncio.Future[None]
-) -> None:
-    for pending in batch:
-        if pending.recorded.done():
-            continue  # its record_attempt() was cancelled while waiting
-        if task.cancelled():
-            pending.recorded.cancel()
-            continue
-        failure = pending.error or task.exception()
-        if failure is None:
-            pending.recorded.set_result(pending.message)
-        else:
-            pending.recorded.set_exception(failure)
-
-
 def _take_batch(pending_stores: list[_PendingStore]) -> list[_PendingStore]:
     """Take the stores for one commit off the list: all, or those within the
     batch's body bytes (at least one). The rest wait for the next commit."""
@@ -1415,20 +1407,22 @@ def _take_batch(pending_stores: list[_PendingStore]) -> list[_PendingStore]:
     return batch
 
 
-def _settle_pending_stores(
-    batch: list[_PendingStore], task: asyncio.Future[None]
+def _settle_batch(
+    batch: Sequence[_PendingStore | _PendingOutcome], task: asyncio.Future[None]
 ) -> None:
+    """Tell each waiter of a group commit its own outcome, or the commit's failure."""
     for pending in batch:
-        if pending.committed.done():
-            continue  # its store() was cancelled while waiting
+        waiter: asyncio.Future[Any] = pending.waiter
+        if waiter.done():
+            continue  # its caller was cancelled while waiting
         if task.cancelled():
-            pending.committed.cancel()
+            waiter.cancel()
             continue
         failure = pending.error or task.exception()
         if failure is None:
-            pending.committed.set_result(None)
+            waiter.set_result(pending.result)
         else:
-            pending.committed.set_exception(failure)
+            waiter.set_exception(failure)
 
 
 @contextlib.contextmanager
