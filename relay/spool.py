@@ -260,6 +260,8 @@ class _PendingOutcome:
         return self.message
 
 
+_PendingT = TypeVar("_PendingT", _PendingStore, _PendingOutcome)
+
 _NO_FAILURES: Mapping[str, str] = types.MappingProxyType({})
 
 
@@ -683,37 +685,61 @@ class Spool:
         pending = _PendingStore(
             message, asyncio.get_running_loop().create_future(), body=body
         )
-        self._pending_stores.append(pending)
 
-        try:
-            async with self._writer_lock:
-                # A commit takes a limited batch: this store may need another.
-                while pending in self._pending_stores:
-                    await self._commit_pending_stores()
-        except asyncio.CancelledError:
-            if pending in self._pending_stores:
-                self._pending_stores.remove(pending)
-                if body is None:
-                    # Nobody will answer 250 for it, so its body must not linger.
-                    self.body_path(message.queue_id).unlink(missing_ok=True)
-            elif pending.waiter.done() and not pending.waiter.cancelled():
-                pending.waiter.exception()  # retrieved: this store is abandoned
-            raise
+        def abandon() -> None:
+            if body is None:
+                # Nobody will answer 250 for it, so its body must not linger.
+                self.body_path(message.queue_id).unlink(missing_ok=True)
 
-        # The commit's failure, if any, arrives here for every store in the batch.
-        await pending.waiter
+        await self._commit_in_group(
+            pending,
+            self._pending_stores,
+            take=_take_batch,
+            work=self._store_batch,
+            action="storing a message",
+            abandon=abandon,
+        )
         return pending.message.queue_id
 
-    async def _commit_pending_stores(self) -> None:
-        batch = _take_batch(self._pending_stores)
+    async def _commit_in_group(
+        self,
+        pending: _PendingT,
+        waiting: list[_PendingT],
+        *,
+        take: Callable[[list[_PendingT]], list[_PendingT]],
+        work: Callable[[list[_PendingT]], None],
+        action: str,
+        abandon: Callable[[], None] | None = None,
+    ) -> None:
+        """Wait until `pending` is committed, with whatever else waits beside it.
 
-        task = self._start_in_thread(
-            functools.partial(self._store_batch, batch), action="storing a message"
-        )
-        # Settled from the task, so that the whole batch learns the outcome even if
-        # the store that started the commit is cancelled.
-        task.add_done_callback(functools.partial(_settle_batch, batch))
-        await _wait_until_done(task)
+        Group commit: while one batch is in its thread, later ones queue up in
+        `waiting`, and whoever holds the writer lock next commits what `take`
+        gives it in one trip. The commit's failure, if any, is raised here for
+        every member of the batch. A caller cancelled before its batch started
+        leaves the queue, and `abandon` cleans up after it.
+        """
+        waiting.append(pending)
+        try:
+            async with self._writer_lock:
+                while pending in waiting:
+                    batch = take(waiting)
+                    task = self._start_in_thread(
+                        functools.partial(work, batch), action=action
+                    )
+                    # Settled from the task, so that the whole batch learns the
+                    # outcome even if the caller that started it is cancelled.
+                    task.add_done_callback(functools.partial(_settle_batch, batch))
+                    await _wait_until_done(task)
+        except asyncio.CancelledError:
+            if pending in waiting:
+                waiting.remove(pending)
+                if abandon is not None:
+                    abandon()
+            elif pending.waiter.done() and not pending.waiter.cancelled():
+                pending.waiter.exception()  # retrieved: nobody waits for it now
+            raise
+        await pending.waiter
 
     def _store_batch(self, batch: list[_PendingStore]) -> None:
         """Place the bodies still in memory, then commit every message's rows.
@@ -767,9 +793,10 @@ class Spool:
         connection = self._writer_connection()
         now = self._clock()
         inline_ids = {queue_id for queue_id, _ in inline_bodies}
+        file_ids = [m.queue_id for m in messages if m.queue_id not in inline_ids]
 
         try:
-            if len(inline_ids) < len(messages):
+            if file_ids:
                 # fsync(2) on a file does not persist the directory entry that
                 # names it (POSIX leaves that to the directory): fsync messages/
                 # itself, so that no committed row can point at a rename lost in
@@ -804,11 +831,7 @@ class Spool:
             connection.executemany(_INSERT_BODY, inline_bodies)
         except BaseException:
             _rollback(connection)
-            self._remove_body_files(
-                message.queue_id
-                for message in messages
-                if message.queue_id not in inline_ids
-            )
+            self._remove_body_files(file_ids)
             raise
 
         try:
@@ -819,11 +842,7 @@ class Spool:
             # the rows may come back at the next open, so their bodies stay; open()
             # removes them if the rows do not. A full disk wrote no commit record.
             if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
-                self._remove_body_files(
-                    message.queue_id
-                    for message in messages
-                    if message.queue_id not in inline_ids
-                )
+                self._remove_body_files(file_ids)
             raise
 
     # Delivering messages
@@ -894,7 +913,6 @@ class Spool:
 
     async def read_body(self, queue_id: str) -> bytes:
         """The message's body, byte for byte as it was stored."""
-        self.body_path(queue_id)  # refuses anything but a queue id, here and now
         return await self._in_thread(
             functools.partial(self._read_body_blocking, queue_id),
             action="reading a message",
@@ -955,26 +973,16 @@ class Spool:
             dict(failed),
             asyncio.get_running_loop().create_future(),
         )
-        self._pending_outcomes.append(pending)
         # Like stores, the outcomes that come while another write is under way
         # are recorded together: one transaction and one trip to a thread.
-        try:
-            async with self._writer_lock:
-                if pending in self._pending_outcomes:
-                    batch, self._pending_outcomes = self._pending_outcomes, []
-                    task = self._start_in_thread(
-                        functools.partial(self._record_batch_blocking, batch),
-                        action="recording a delivery attempt",
-                    )
-                    task.add_done_callback(functools.partial(_settle_batch, batch))
-                    await _wait_until_done(task)
-        except asyncio.CancelledError:
-            if pending in self._pending_outcomes:
-                self._pending_outcomes.remove(pending)
-            elif pending.waiter.done() and not pending.waiter.cancelled():
-                pending.waiter.exception()  # retrieved: nobody waits for it now
-            raise
-        return await pending.waiter
+        await self._commit_in_group(
+            pending,
+            self._pending_outcomes,
+            take=_take_all,
+            work=self._record_batch_blocking,
+            action="recording a delivery attempt",
+        )
+        return pending.message
 
     def _record_batch_blocking(self, batch: list[_PendingOutcome]) -> None:
         connection = self._writer_connection()
@@ -1390,6 +1398,12 @@ async def _wait_until_done(task: asyncio.Future[Any]) -> None:
         if not task.cancelled():
             task.exception()  # retrieved: the cancelled caller will not look at it
         raise cancellation
+
+
+def _take_all(waiting: list[_PendingOutcome]) -> list[_PendingOutcome]:
+    batch = list(waiting)
+    waiting.clear()
+    return batch
 
 
 def _take_batch(pending_stores: list[_PendingStore]) -> list[_PendingStore]:
