@@ -16,8 +16,7 @@ import pytest
 from relay.config import TimeoutsConfig, TlsConfig
 from relay.errors import SmtpReplyError, Stage
 from relay.sandbox.certs import SandboxPKI
-from relay.sandbox.exchange import Fault, FaultAction, Reply, SandboxExchange
-from relay.sandbox.exchange import Stage as SandboxStage
+from relay.sandbox.exchange import SandboxExchange
 from relay.upstream import (
     DeliveryResult,
     UpstreamSession,
@@ -107,14 +106,7 @@ async def test_pipelining_refused_recipient_is_sorted_out_of_its_group(
     session_for: SessionFactory,
 ) -> None:
     session, server = await session_for()
-    server.faults.append(
-        Fault(
-            stage=SandboxStage.RCPT,
-            action=FaultAction.REPLY,
-            reply=Reply.of(550, "5.1.1 User unknown"),
-            match="gone@contoso.test",
-        )
-    )
+    server.inject("rcpt", "550 5.1.1 User unknown", match="gone@contoso.test")
 
     result = await _send(session, ["a@contoso.test", "gone@contoso.test"])
     again = await _send(session, ["b@contoso.test"])
@@ -138,14 +130,7 @@ async def test_pipelining_refused_sender_drains_the_group_and_keeps_the_session(
     session_for: SessionFactory,
 ) -> None:
     session, server = await session_for()
-    server.faults.append(
-        Fault(
-            stage=SandboxStage.MAIL,
-            action=FaultAction.REPLY,
-            reply=Reply.of(550, "5.7.60 SMTP; Client does not have permissions"),
-            times=1,
-        )
-    )
+    server.inject("mail", "550 5.7.60 SMTP; Client does not have permissions", times=1)
 
     with pytest.raises(SmtpReplyError) as refused:
         await _send(session, ["a@contoso.test"])
@@ -168,14 +153,7 @@ async def test_pipelining_data_taken_without_recipients_ends_with_an_empty_messa
     # RFC 2920 section 3.1: a server may answer the group's DATA with 354 even
     # though it refused every RCPT; the client must then end it with "." alone.
     session, server = await session_for(accept_data_without_recipients=True)
-    server.faults.append(
-        Fault(
-            stage=SandboxStage.RCPT,
-            action=FaultAction.REPLY,
-            reply=Reply.of(550, "5.1.1 User unknown"),
-            times=1,
-        )
-    )
+    server.inject("rcpt", "550 5.1.1 User unknown", times=1)
 
     result = await _send(session, ["gone@contoso.test"])
     usable_after = session.usable
@@ -237,14 +215,11 @@ async def test_pipelining_abandoned_group_after_354_delivers_no_empty_message(
     # a@ is taken, b@ is throttled: the server still answers DATA 354 for a@,
     # and ending that with a lone "." would deliver an empty message to a@.
     session, server = await session_for()
-    server.faults.append(
-        Fault(
-            stage=SandboxStage.RCPT,
-            action=FaultAction.REPLY,
-            reply=Reply.of(451, "4.7.500 Server busy. Please try again later"),
-            match="b@contoso.test",
-            times=1,
-        )
+    server.inject(
+        "rcpt",
+        "451 4.7.500 Server busy. Please try again later",
+        match="b@contoso.test",
+        times=1,
     )
 
     with pytest.raises(SmtpReplyError) as throttled:
@@ -264,13 +239,7 @@ async def test_pipelining_421_at_rcpt_is_the_servers_reply_not_a_lost_connection
     session_for: SessionFactory, pipelining: bool
 ) -> None:
     session, server = await session_for(offer_pipelining=pipelining)
-    server.faults.append(
-        Fault(
-            stage=SandboxStage.RCPT,
-            action=FaultAction.REPLY,
-            reply=Reply.of(421, "4.3.2 Service not available"),
-        )
-    )
+    server.inject("rcpt", "421 4.3.2 Service not available")
 
     with pytest.raises(SmtpReplyError) as closing:
         await _send(session, ["a@contoso.test"])
