@@ -256,6 +256,10 @@ class RelayHandler:
         kept.insert(len(kept) - 1, "250-PIPELINING")
         return kept
 
+    # aiosmtpd reads this hook's signature at every new connection; computed
+    # here once, inspect finds it instead of working it out again.
+    handle_EHLO.__signature__ = inspect.signature(handle_EHLO)  # type: ignore[attr-defined]
+
     async def handle_MAIL(
         self,
         server: SMTP,
@@ -443,6 +447,8 @@ class RelaySMTP(SMTP):
         self._bytes_received = 0
         self._bytes_at_last_timeout = 0
         self._idle_deadline = 0.0
+        # Lines of a multi-line reply not yet written (see push).
+        self._reply_lines: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -636,10 +642,23 @@ class RelaySMTP(SMTP):
         return handler
 
     async def push(self, status: str | bytes) -> None:
+        """Send one reply line; a multi-line reply leaves in a single write.
+
+        aiosmtpd writes and drains each line on its own, so its EHLO answer
+        cost seven socket writes, each waking the client, where one will do.
+        Continuation lines ("250-...") wait for the line that ends the reply.
+        """
         if isinstance(status, str):
-            await super().push(_with_enhanced_code(status))
-        else:
-            await super().push(status)
+            status = _with_enhanced_code(status).encode(
+                "utf-8" if self.enable_SMTPUTF8 else "ascii"
+            )
+        self._reply_lines.append(status + CRLF)
+        if status[3:4] == b"-":
+            return
+        reply = b"".join(self._reply_lines)
+        self._reply_lines.clear()
+        self._writer.write(reply)
+        await self._writer.drain()
 
 
 _METHOD_NAMES: dict[str, list[str]] = {}

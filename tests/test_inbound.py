@@ -80,6 +80,30 @@ async def test_inbound_ehlo_advertises_size_8bitmime_smtputf8_enhancedstatuscode
     } <= advertised
 
 
+async def test_inbound_multi_line_ehlo_reply_leaves_in_one_write(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(basic_settings(exchange.port))
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    await reader.readline()  # the greeting
+    (server,) = relay.app.inbound.connections
+    stream_writer = server._writer
+    writes: list[bytes] = []
+    write = stream_writer.write
+
+    def counted(data: bytes) -> None:
+        writes.append(data)
+        write(data)
+
+    stream_writer.write = counted  # type: ignore[method-assign]
+    writer.write(b"EHLO legacy\r\n")
+    while not (await reader.readline()).startswith(b"250 "):
+        pass
+    writer.close()
+    await writer.wait_closed()
+    assert len(writes) == 1 and writes[0].count(b"\r\n250-") >= 4
+
+
 async def test_inbound_every_reply_carries_an_enhanced_status_code(
     exchange: SandboxExchange, start_relay: RelayFactory
 ) -> None:
