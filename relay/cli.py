@@ -99,7 +99,7 @@ def command_serve(arguments: argparse.Namespace) -> int:
     from relay.logsink import configure_logging
 
     config = _load_config(arguments.config)
-    configure_logging(level=arguments.log_level)
+    configure_logging(level=arguments.log_level, once=True)
     try:
         app = RelayApp(config, config_path=arguments.config)
     except ConfigError as error:

@@ -353,11 +353,8 @@ class DeliveryService:
         idle_since = time.monotonic()
         try:
             while True:
-                try:
-                    message = await asyncio.wait_for(
-                        self._queue.get(), timeout=IDLE_CHECK_SECONDS
-                    )
-                except TimeoutError:
+                message = await self._next_message()
+                if message is None:
                     if session is not None and self._should_close_idle(
                         session, idle_since
                     ):
@@ -378,6 +375,19 @@ class DeliveryService:
                         self.wake()
         finally:
             await self._end_session(session)
+
+    async def _next_message(self) -> QueuedMessage | None:
+        """The next queued message, or None after IDLE_CHECK_SECONDS without one."""
+        try:
+            # While mail flows the next message is already waiting; only an
+            # empty queue is worth a timed wait (a task and a timer each).
+            return self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            pass
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout=IDLE_CHECK_SECONDS)
+        except TimeoutError:
+            return None
 
     def _should_close_idle(self, session: UpstreamSession, idle_since: float) -> bool:
         """Close a session idle too long, or whose slot someone else waits for."""

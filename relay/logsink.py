@@ -276,6 +276,7 @@ def configure_logging(
     level: str = "info",
     stream: TextIO | None = None,
     json_output: bool | None = None,
+    once: bool = False,
 ) -> None:
     """Set up structlog, and route the standard `logging` module through it.
 
@@ -284,6 +285,10 @@ def configure_logging(
     Timestamps are ISO 8601 in UTC. Libraries that log with `logging` (aiosmtpd,
     asyncio, msal) pass through the same redaction, because their debug output can
     carry raw SMTP lines.
+
+    `once` is for a process that configures logging a single time, as the daemon
+    does: each logger then builds its processor chain at its first event instead
+    of at every event. A later call would not reach loggers already used.
     """
     level_number = logging.getLevelNamesMapping().get(level.upper())
     if level_number is None:
@@ -314,8 +319,9 @@ def configure_logging(
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level_number),
         logger_factory=structlog.PrintLoggerFactory(file=output),
-        # Not cached, so that a second call (SIGHUP, tests) reaches every logger.
-        cache_logger_on_first_use=False,
+        # Uncached unless configured once: a second call (tests) must reach
+        # every logger.
+        cache_logger_on_first_use=once,
     )
 
     handler = _RelayLogHandler(output)

@@ -108,6 +108,7 @@ class RelayMetrics:
             buckets=UPSTREAM_BUCKETS,
             registry=self.registry,
         )
+        self._upstream_steps: dict[str, Histogram] = {}
         self._token_expiry = _TokenExpiryCollector()
         self.registry.register(self._token_expiry)
 
@@ -128,11 +129,17 @@ class RelayMetrics:
     @contextlib.contextmanager
     def time_upstream(self, step: str) -> Iterator[None]:
         """Observe how long the block waited on the upstream, failures included."""
+        histogram = self._upstream_steps.get(step)
+        if histogram is None:
+            # The labelled child, looked up once per step rather than per message.
+            histogram = self._upstream_steps[step] = self.upstream_duration.labels(
+                step=step
+            )
         started = time.monotonic()
         try:
             yield
         finally:
-            self.upstream_duration.labels(step=step).observe(time.monotonic() - started)
+            histogram.observe(time.monotonic() - started)
 
     def watch_token_expiry(self, expires_at: TokenExpirySource | None) -> None:
         """Report the OAuth access token's remaining life from `expires_at()`.

@@ -334,11 +334,16 @@ class UpstreamSession:
         """
         stuffer = DotStuffer()
         async with asyncio.timeout(self._timeouts.data):
+            # Each block leaves once the next is read, and the last one with the
+            # terminator: a small message costs one TLS record and one send.
+            stuffed = b""
             async for block in source.blocks():
-                protocol.write(stuffer.stuff(block))
-                # The protocol's flow control, as StreamWriter.drain() uses it.
-                await protocol._drain_helper()
-            protocol.write(stuffer.finish())
+                if stuffed:
+                    protocol.write(stuffed)
+                    # The protocol's flow control, as StreamWriter.drain() uses it.
+                    await protocol._drain_helper()
+                stuffed = stuffer.stuff(block)
+            protocol.write(stuffed + stuffer.finish())
             response = await protocol.read_response()
         if response.code != 250:
             raise SmtpReplyError(response.code, response.message, stage=Stage.DATA)
