@@ -165,6 +165,8 @@ class DeliveryService:
         # The mailbox whose session slot each open session holds.
         self._session_slots: dict[UpstreamSession, MailboxLimiter] = {}
         self._in_flight: dict[str, QueuedMessage] = {}
+        # Deliveries to every recipient whose outcome is still being committed.
+        self._recording: set[asyncio.Task[None]] = set()
         # After a DNS, connect or TLS failure nothing is claimed until this time.
         self._upstream_unreachable_until = 0.0
         # Messages the spool refused to defer (a full disk): still SENDING on
@@ -263,6 +265,8 @@ class DeliveryService:
         for worker in workers:
             worker.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
+        # Not cancelled: a delivery left SENDING on disk would be sent again.
+        await asyncio.gather(*list(self._recording), return_exceptions=True)
 
         # A message cut off mid-delivery may already be with the upstream: sending
         # it again risks a duplicate, which beats losing it.
@@ -613,9 +617,15 @@ class DeliveryService:
             failed = {
                 recipient: error.message for recipient, error in outcome.refused.items()
             }
-            remaining = await self._spool.record_attempt(
-                message.queue_id, delivered=outcome.accepted, failed=failed
-            )
+            if not failed and len(outcome.accepted) == len(message.recipients):
+                # Delivered to all: nothing is left to decide, so the worker goes
+                # on while the outcome is committed with those that come meanwhile.
+                self._record_in_background(message, outcome.accepted)
+                remaining = None
+            else:
+                remaining = await self._spool.record_attempt(
+                    message.queue_id, delivered=outcome.accepted, failed=failed
+                )
             if outcome.accepted:
                 self._metrics.messages_delivered.inc()
                 # Mail flows again: the status line stops showing an old trouble
@@ -648,6 +658,22 @@ class DeliveryService:
             upstream_reply=outcome.reply,
             duration_ms=round((time.monotonic() - started) * 1000, 1),
         )
+
+    def _record_in_background(
+        self, message: QueuedMessage, delivered: list[str]
+    ) -> None:
+        task = asyncio.create_task(self._record_delivery(message, delivered))
+        self._recording.add(task)
+        task.add_done_callback(self._recording.discard)
+
+    async def _record_delivery(
+        self, message: QueuedMessage, delivered: list[str]
+    ) -> None:
+        try:
+            await self._spool.record_attempt(message.queue_id, delivered=delivered)
+        except Exception as exc:
+            # As when recording fails in the worker: sent again, never stranded.
+            await self._recover_from_fault(message, exc)
 
     async def _put_off(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from relay.delivery import retry_delay
 from relay.sandbox.exchange import SandboxExchange
@@ -192,3 +193,26 @@ async def test_delivery_failure_notice_is_never_sent_about_a_notice(
         counts.get("failed", 0),
         sum(counts.values()),
     ) == (["admin@contoso.test", "gone@contoso.test"], 2, 2)
+
+
+async def test_delivery_stop_waits_for_outcomes_still_being_committed(
+    exchange: SandboxExchange, start_relay: RelayFactory, tmp_path: Path
+) -> None:
+    # A delivery to every recipient is committed while its worker goes on. Here
+    # the test holds the spool's writer, as a slow disk would, from before the
+    # upstream's 250 until after the relay was told to stop.
+    exchange.delay("data", 0.5, times=1)
+    directory = tmp_path / "relay"
+    relay = await start_relay(basic_settings(exchange.port), directory=directory)
+    await send_mail_async(relay.port)
+    await wait_for(lambda: exchange.faults[0].fired == 1, timeout=10)
+    writer = relay.app.spool._writer_lock
+    await writer.acquire()
+    await exchange.wait_for_messages(1, timeout=10)
+    stopping = asyncio.create_task(relay.stop())
+    await asyncio.sleep(0.3)
+    writer.release()
+    await stopping
+    restarted = await start_relay(basic_settings(exchange.port), directory=directory)
+    counts = await restarted.app.spool.counts_by_state()
+    assert sum(counts.values()) == 0
