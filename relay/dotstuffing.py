@@ -22,6 +22,8 @@ import re
 
 TERMINATOR = b"\r\n.\r\n"
 CRLF = b"\r\n"
+# A line that starts with a dot: a stuffing dot, or the terminator's.
+DOT_LINE = b"\r\n."
 # Bytes of the terminator that a block may end inside of; they wait for the next.
 _HELD_BACK = len(TERMINATOR) - 1
 _LINE_BREAKS = re.compile(rb"\r\n|\r|\n")
@@ -59,7 +61,10 @@ class DataUnstuffer:
         prefix = CRLF if self._at_line_start else b""
         carried = len(self._carry)
         data = prefix + self._carry + block
-        end = data.find(TERMINATOR)
+        # One scan finds the first line that starts with a dot: the terminator
+        # is such a line, so when it is the first, there is no dot to remove.
+        dot_line = data.find(DOT_LINE)
+        end = -1 if dot_line < 0 else data.find(TERMINATOR, dot_line)
         if end >= 0:
             region = data[: end + len(CRLF)]
             used = end + len(TERMINATOR) - len(prefix) - carried
@@ -81,22 +86,33 @@ class DataUnstuffer:
             self._at_line_start = region.endswith(CRLF)
 
         self._consumed += used
-        return unstuff(region)[len(prefix) :], used
+        dots = 0 <= dot_line <= len(region) - len(DOT_LINE)
+        return unstuff(region, dots=dots)[len(prefix) :], used
 
 
-def unstuff(region: bytes) -> bytes:
+def unstuff(region: bytes, *, dots: bool = True) -> bytes:
     """Remove each line's leading dot, then make every line ending CRLF.
 
     `region` is whole: it starts at a line start (or mid-line with nothing to
-    undo) and does not end between a CR and an LF.
+    undo) and does not end between a CR and an LF. `dots=False` says that no line
+    in it starts with a dot, which spares a scan.
     """
     # Only a dot after a real CRLF is a stuffing dot; the bare breaks become CRLF
     # afterwards, so a dot after a bare LF is kept as the client sent it.
-    text = region.replace(b"\r\n.", CRLF)
-    carriage_returns = text.count(b"\r")
-    if carriage_returns == text.count(b"\n") == text.count(CRLF):
+    text = region.replace(DOT_LINE, CRLF) if dots else region
+    if _crlf_only(text):
         return text
     return _LINE_BREAKS.sub(CRLF, text)
+
+
+def _crlf_only(text: bytes) -> bool:
+    """Whether every CR and every LF in `text` is part of a CRLF pair.
+
+    A pair takes one of each, so that holds exactly when the CRs and LFs
+    together number twice the pairs (two scans, where counting each is three).
+    """
+    line_break_bytes = len(text) - len(text.translate(None, b"\r\n"))
+    return line_break_bytes == 2 * text.count(CRLF)
 
 
 class DotStuffer:
@@ -111,8 +127,12 @@ class DotStuffer:
         if not block:
             return b""
         tail = self._tail
-        data = (tail + block).replace(b"\r\n.", b"\r\n..")
         self._tail = block[-2:] if len(block) >= 2 else tail[-1:] + block
+        # A dot line lies inside the block or across its seam with the last one;
+        # without one the block goes as it is, uncopied.
+        if DOT_LINE not in tail + block[:2] and block.find(DOT_LINE) < 0:
+            return block
+        data = (tail + block).replace(DOT_LINE, b"\r\n..")
         return data[len(tail) :]
 
     def finish(self) -> bytes:
