@@ -999,7 +999,7 @@ async def test_spool_stores_more_body_bytes_at_once_than_one_commit_takes(
 
 async def test_spool_gives_free_pages_back_once_the_queue_drains(spool: Spool) -> None:
     queue_ids = [
-        await store(spool, body=bytes([65 + n % 26]) * 60_000) for n in range(100)
+        await store(spool, body=bytes([65 + n % 26]) * 60_000) for n in range(200)
     ]
     database = spool.directory / "spool.db"
 
@@ -1012,12 +1012,20 @@ async def test_spool_gives_free_pages_back_once_the_queue_drains(spool: Spool) -
         return int(pages * page_size)
 
     full = database_bytes()
-    await spool.claim_due(limit=100)
+    await spool.claim_due(limit=200)
     for queue_id in queue_ids:
         await spool.record_attempt(queue_id, delivered=["admin@example.com"])
     drained = database_bytes()
 
-    assert (full > 6_000_000, drained < 1_500_000) == (True, True), (full, drained)
+    # Less than 4 MB may stay free: that much is reused rather than given back.
+    assert (full > 12_000_000, drained < 4_500_000) == (True, True), (full, drained)
+
+
+async def test_spool_new_database_has_16_kb_pages(spool: Spool) -> None:
+    connection = sqlite3.connect(spool.directory / "spool.db")
+    page_size = connection.execute("PRAGMA page_size").fetchone()[0]
+    connection.close()
+    assert page_size == 16 * 1024
 
 
 async def test_spool_database_without_auto_vacuum_is_converted_at_open(
