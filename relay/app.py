@@ -8,9 +8,9 @@ RELOADING=1 and READY=1 around a SIGHUP reload, STOPPING=1 at shutdown.
 from __future__ import annotations
 
 import asyncio
-import gc
 import contextlib
 import errno
+import gc
 import os
 import signal
 from collections.abc import Callable, Mapping
