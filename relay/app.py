@@ -124,6 +124,7 @@ class RelayApp:
             ),
             authenticator=authenticator,
         )
+        self.delivery.give_way_to(lambda: self.inbound.arriving.count)
         # Built here so that an unsafe token file stops the daemon as a config error.
         self.admin = (
             AdminServer(self, config=config.admin) if config.admin.enabled else None

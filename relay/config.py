@@ -101,6 +101,10 @@ class DeliveryConfig:
     connection_reuse_seconds: float = 300.0
     # Send the administrator e-mail a notice when a message fails for good.
     failure_notice: bool = False
+    # While more clients are sending messages than there are workers, delivery
+    # waits for them (a second at most at a time): accepting and delivering share
+    # one core, and clients waiting for their 250 come first.
+    give_way_to_clients: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)

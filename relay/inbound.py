@@ -21,6 +21,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
@@ -419,6 +420,7 @@ class RelaySMTP(SMTP):
         allowed_networks: Iterable[IpNetwork],
         authenticator: Callable[..., AuthResult] | None,
         connections: set[RelaySMTP],
+        arriving: ArrivingMessages | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(
@@ -440,6 +442,7 @@ class RelaySMTP(SMTP):
         self.relay_auth_enabled = authenticator is not None
         self._allowed_networks = tuple(allowed_networks)
         self._connections = connections
+        self._arriving = arriving if arriving is not None else ArrivingMessages()
         self._max_connections = config.max_connections
         self._refused = False
         self._receiving_data = False
@@ -565,6 +568,14 @@ class RelaySMTP(SMTP):
             await self.push("501 5.5.4 Syntax: DATA")
             return
 
+        self._arriving.count += 1
+        try:
+            await self._receive_message(envelope, session)
+        finally:
+            self._arriving.count -= 1
+
+    async def _receive_message(self, envelope: Envelope, session: Session) -> None:
+        """From the 354 to the reply: the body, then the handler's verdict."""
         await self.push(START_DATA_REPLY)
         body = self.relay_handler.open_body(session)
         # aiosmtpd's reader returns at most a command line's worth (1001 bytes)
@@ -774,6 +785,13 @@ def make_authenticator(credentials: Mapping[str, str]) -> Callable[..., AuthResu
     return authenticate
 
 
+@dataclass
+class ArrivingMessages:
+    """How many sessions are between their DATA and its reply: clients waiting."""
+
+    count: int = 0
+
+
 class InboundServer:
     """The listening sockets on every configured loopback address."""
 
@@ -790,6 +808,7 @@ class InboundServer:
         logging.getLogger(AIOSMTPD_LOGGER).setLevel(logging.WARNING)
         self._servers: list[asyncio.AbstractServer] = []
         self.connections: set[RelaySMTP] = set()
+        self.arriving = ArrivingMessages()
         self.port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -800,6 +819,7 @@ class InboundServer:
             allowed_networks=self._config.allowed_networks,
             authenticator=self._authenticator,
             connections=self.connections,
+            arriving=self.arriving,
             loop=self._loop,
         )
 

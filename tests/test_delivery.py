@@ -216,3 +216,52 @@ async def test_delivery_stop_waits_for_outcomes_still_being_committed(
     restarted = await start_relay(basic_settings(exchange.port), directory=directory)
     counts = await restarted.app.spool.counts_by_state()
     assert sum(counts.values()) == 0
+
+
+async def _stall_in_data(port: int) -> asyncio.StreamWriter:
+    """A client that has started a message (DATA answered 354) and sends no more."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await reader.readline()
+    for command in (
+        b"HELO stalled\r\n",
+        b"MAIL FROM:<alerts@contoso.test>\r\n",
+        b"RCPT TO:<ops@contoso.test>\r\n",
+        b"DATA\r\n",
+    ):
+        writer.write(command)
+        await reader.readline()
+    return writer
+
+
+async def _delivered_while_clients_send(
+    exchange: SandboxExchange, start_relay: RelayFactory, *, give_way: bool
+) -> tuple[bool, bool]:
+    """Two clients stall in DATA (more than the one worker); a third sends a
+    message. Whether it reached the upstream within 0.4 s, and within 5 s."""
+    relay = await start_relay(
+        basic_settings(exchange.port),
+        overrides={"delivery": {"concurrency": 1, "give_way_to_clients": give_way}},
+    )
+    stalled = [await _stall_in_data(relay.port) for _ in range(2)]
+    await wait_for(lambda: relay.app.inbound.arriving.count == 2, timeout=5)
+    await send_mail_async(relay.port)
+    await asyncio.sleep(0.4)
+    soon = len(exchange.messages) == 1
+    await exchange.wait_for_messages(1, timeout=5)
+    for writer in stalled:
+        writer.close()
+    return soon, len(exchange.messages) == 1
+
+
+async def test_delivery_gives_way_to_clients_sending_but_never_stops(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    outcome = await _delivered_while_clients_send(exchange, start_relay, give_way=True)
+    assert outcome == (False, True)
+
+
+async def test_delivery_without_give_way_delivers_while_clients_send(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    outcome = await _delivered_while_clients_send(exchange, start_relay, give_way=False)
+    assert outcome == (True, True)

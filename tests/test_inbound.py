@@ -25,6 +25,7 @@ from tests.conftest import (
     basic_settings,
     send_mail_async,
     strip_received,
+    wait_for,
 )
 
 
@@ -645,3 +646,28 @@ async def test_inbound_full_spool_refusals_are_logged_once_a_minute(
         codes,
         [(e["event"], e["refused"]) for e in logged if e["event"] == "spool_full"],
     ) == ([452, 452, 452], [("spool_full", 1)])
+
+
+async def test_inbound_counts_messages_arriving_until_their_reply_or_hang_up(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(basic_settings(exchange.port))
+    arriving = relay.app.inbound.arriving
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    await reader.readline()
+    for command in (
+        b"HELO legacy\r\n",
+        b"MAIL FROM:<alerts@contoso.test>\r\n",
+        b"RCPT TO:<ops@contoso.test>\r\n",
+        b"DATA\r\n",
+    ):
+        writer.write(command)
+        await reader.readline()
+    during = arriving.count
+    writer.write(b"Subject: cut off\r\n\r\nhalf a line")
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    await wait_for(lambda: not relay.app.inbound.connections, timeout=5)
+    await send_mail_async(relay.port)
+    assert (during, arriving.count) == (1, 0)
