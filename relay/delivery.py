@@ -648,7 +648,7 @@ class DeliveryService:
             if not failed and len(outcome.accepted) == len(message.recipients):
                 # Delivered to all: nothing is left to decide, so the worker goes
                 # on while the outcome is committed with those that come meanwhile.
-                self._record_in_background(message, outcome.accepted)
+                await self._record_in_background(message, outcome.accepted)
                 remaining = None
             else:
                 remaining = await self._spool.record_attempt(
@@ -687,9 +687,15 @@ class DeliveryService:
             duration_ms=round((time.monotonic() - started) * 1000, 1),
         )
 
-    def _record_in_background(
+    async def _record_in_background(
         self, message: QueuedMessage, delivered: list[str]
     ) -> None:
+        # At most one such outcome per worker waits for its commit: a crash then
+        # sends again at most two messages per worker, this one and the next.
+        while len(self._recording) >= self._worker_count:
+            await asyncio.wait(
+                set(self._recording), return_when=asyncio.FIRST_COMPLETED
+            )
         task = asyncio.create_task(self._record_delivery(message, delivered))
         self._recording.add(task)
         task.add_done_callback(self._recording.discard)

@@ -348,7 +348,8 @@ class CrashReport:
     client_errors: int
     seconds: float
     mean_start_seconds: float
-    # Upper bound on duplicates: every kill may cut `concurrency` deliveries.
+    # Upper bound on duplicates: every kill may catch, per worker, a delivery in
+    # flight and one whose outcome is still being committed.
     in_flight_bound: int
     drain_seconds: float
     # What the spool still held at the end, by state, and why (if stuck).
@@ -445,7 +446,7 @@ async def run_crash_campaign(
         client_errors=load.client_errors,
         seconds=time.monotonic() - started,
         mean_start_seconds=sum(start_times) / max(1, len(start_times)),
-        in_flight_bound=done_kills * concurrency,
+        in_flight_bound=done_kills * concurrency * 2,
         drain_seconds=drain_seconds,
         spool_states=states,
         spool_reasons=reasons,
