@@ -440,6 +440,10 @@ class RelaySMTP(SMTP):
             auth_exclude_mechanism=[] if authenticator else ["LOGIN", "PLAIN"],
         )
         self.relay_auth_enabled = authenticator is not None
+        if not self.relay_auth_enabled:
+            # Not offered at EHLO, so not a command here either: HELP leaves it
+            # out and AUTH is answered as unknown.
+            self._smtp_methods.pop("AUTH", None)
         self._allowed_networks = tuple(allowed_networks)
         self._connections = connections
         self._arriving = arriving if arriving is not None else ArrivingMessages()

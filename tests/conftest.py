@@ -200,11 +200,14 @@ def send_mail(
     body: bytes = b"Subject: hello\r\n\r\nHello from a legacy service.\r\n",
     mail_options: list[str] | None = None,
 ) -> tuple[int, bytes]:
-    """Send one message as a legacy service would; returns the DATA reply."""
+    """Send one message as a legacy service would; returns the DATA reply, or
+    the MAIL reply when the sender is refused (a full spool says 452 there)."""
     recipients = recipients or ["ops@contoso.test"]
     with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
         client.ehlo("legacy.local")
-        client.mail(mail_from, mail_options or [])
+        code, reply = client.mail(mail_from, mail_options or [])
+        if code != 250:
+            return code, reply
         for recipient in recipients:
             client.rcpt(recipient)
         return client.data(body)

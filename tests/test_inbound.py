@@ -323,6 +323,16 @@ async def test_inbound_without_credentials_offers_no_auth(
     assert b"AUTH" not in replies[1]
 
 
+async def test_inbound_without_credentials_knows_no_auth_command(
+    exchange: SandboxExchange, start_relay: RelayFactory
+) -> None:
+    relay = await start_relay(basic_settings(exchange.port))
+    replies = await asyncio.to_thread(
+        _dialogue, relay.port, [b"EHLO legacy\r\n", b"HELP\r\n", b"AUTH PLAIN\r\n"]
+    )
+    assert (b"AUTH" in replies[2], replies[3][:3]) == (False, b"500"), replies
+
+
 # --- the block DATA path ----------------------------------------------------------
 
 _DATA_ALPHABET = st.sampled_from([b".", b"\r", b"\n", b"\r\n", b"a", b"\x80", b"\r\n."])
