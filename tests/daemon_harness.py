@@ -31,6 +31,7 @@ from typing import Any
 
 from relay import config as relay_config
 from relay.config import write_mail_settings
+from relay.delivery import QUEUE_AHEAD_PER_WORKER
 from relay.sandbox.certs import SandboxPKI
 from relay.sandbox.exchange import ReceivedMessage, SandboxExchange
 from tests.conftest import MAILBOX, PASSWORD, basic_settings, relay_config_dict
@@ -349,7 +350,7 @@ class CrashReport:
     seconds: float
     mean_start_seconds: float
     # Upper bound on duplicates: every kill may catch, per worker, a delivery in
-    # flight and one whose outcome is still being committed.
+    # flight and QUEUE_AHEAD_PER_WORKER whose outcomes wait for their commit.
     in_flight_bound: int
     drain_seconds: float
     # What the spool still held at the end, by state, and why (if stuck).
@@ -446,7 +447,7 @@ async def run_crash_campaign(
         client_errors=load.client_errors,
         seconds=time.monotonic() - started,
         mean_start_seconds=sum(start_times) / max(1, len(start_times)),
-        in_flight_bound=done_kills * concurrency * 2,
+        in_flight_bound=done_kills * concurrency * (1 + QUEUE_AHEAD_PER_WORKER),
         drain_seconds=drain_seconds,
         spool_states=states,
         spool_reasons=reasons,
