@@ -420,11 +420,10 @@ class Spool:
             writer.execute("VACUUM")
         writer.executescript(_SCHEMA)
         self._page_size = writer.execute("PRAGMA page_size").fetchone()[0]
-        self._log_kept_small = False
-        checkpoint_pages = _WAL_AUTOCHECKPOINT_BYTES // self._page_size
-        writer.execute(f"PRAGMA wal_autocheckpoint = {checkpoint_pages}")
         self._note_free_pages(writer)
-        self._fit_log_to_room(self._free_bytes(with_reusable=True))
+        self._keep_log_small(
+            self._within_headroom(self._free_bytes(with_reusable=True))
+        )
         columns = {row[1] for row in writer.execute("PRAGMA table_info(messages)")}
         if "paused_seconds" not in columns:
             writer.execute(
@@ -647,19 +646,24 @@ class Spool:
         free_bytes: int = usage.f_bavail * usage.f_frsize
         return free_bytes + (self._reusable_bytes if with_reusable else 0)
 
+    def _within_headroom(self, free_bytes: int) -> bool:
+        """Whether `free_bytes` leaves less than the database's headroom above
+        the floor: bodies are files then, and the log is kept small."""
+        return free_bytes < self._min_free_bytes + _INLINE_HEADROOM_BYTES
+
     def _fit_log_to_room(self, free_bytes: int) -> None:
         """Copy the log back sooner within the headroom above the floor.
 
         In the writer's thread; only a change of side costs a statement.
         """
-        near_floor = free_bytes < self._min_free_bytes + _INLINE_HEADROOM_BYTES
-        if near_floor == self._log_kept_small:
-            return
-        self._log_kept_small = near_floor
+        near_floor = self._within_headroom(free_bytes)
+        if near_floor != self._log_kept_small:
+            self._keep_log_small(near_floor)
+
+    def _keep_log_small(self, small: bool) -> None:
+        self._log_kept_small = small
         size = (
-            _WAL_AUTOCHECKPOINT_NEAR_FLOOR_BYTES
-            if near_floor
-            else _WAL_AUTOCHECKPOINT_BYTES
+            _WAL_AUTOCHECKPOINT_NEAR_FLOOR_BYTES if small else _WAL_AUTOCHECKPOINT_BYTES
         )
         self._writer_connection().execute(
             f"PRAGMA wal_autocheckpoint = {size // self._page_size}"
@@ -790,9 +794,8 @@ class Spool:
                 with _translated_errors("storing a message"):
                     if free_bytes is None:
                         free_bytes = self._free_bytes(with_reusable=True)
-                    if len(body) <= INLINE_BODY_BYTES and (
+                    if len(body) <= INLINE_BODY_BYTES and not self._within_headroom(
                         free_bytes - len(body)
-                        >= self._min_free_bytes + _INLINE_HEADROOM_BYTES
                     ):
                         free_bytes -= len(body)
                         queue_id, size = self._new_queue_id(), len(body)

@@ -217,6 +217,21 @@ async def send_mail_async(port: int, **kwargs: Any) -> tuple[int, bytes]:
     return await asyncio.to_thread(send_mail, port, **kwargs)
 
 
+async def open_data(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client whose DATA was answered 354, that has sent none of the message."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await reader.readline()
+    for command in (
+        b"HELO legacy\r\n",
+        b"MAIL FROM:<alerts@contoso.test>\r\n",
+        b"RCPT TO:<ops@contoso.test>\r\n",
+        b"DATA\r\n",
+    ):
+        writer.write(command)
+        await reader.readline()
+    return reader, writer
+
+
 async def wait_for(
     predicate: Callable[[], bool], *, timeout: float = 15.0, interval: float = 0.05
 ) -> None:

@@ -7,7 +7,13 @@ from pathlib import Path
 
 from relay.delivery import retry_delay
 from relay.sandbox.exchange import SandboxExchange
-from tests.conftest import RelayFactory, basic_settings, send_mail_async, wait_for
+from tests.conftest import (
+    RelayFactory,
+    basic_settings,
+    open_data,
+    send_mail_async,
+    wait_for,
+)
 
 
 def test_delivery_retry_delay_doubles_up_to_the_cap() -> None:
@@ -218,21 +224,6 @@ async def test_delivery_stop_waits_for_outcomes_still_being_committed(
     assert sum(counts.values()) == 0
 
 
-async def _stall_in_data(port: int) -> asyncio.StreamWriter:
-    """A client that has started a message (DATA answered 354) and sends no more."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    await reader.readline()
-    for command in (
-        b"HELO stalled\r\n",
-        b"MAIL FROM:<alerts@contoso.test>\r\n",
-        b"RCPT TO:<ops@contoso.test>\r\n",
-        b"DATA\r\n",
-    ):
-        writer.write(command)
-        await reader.readline()
-    return writer
-
-
 async def _delivered_while_clients_send(
     exchange: SandboxExchange, start_relay: RelayFactory, *, give_way: bool
 ) -> tuple[bool, bool]:
@@ -242,7 +233,7 @@ async def _delivered_while_clients_send(
         basic_settings(exchange.port),
         overrides={"delivery": {"concurrency": 1, "give_way_to_clients": give_way}},
     )
-    stalled = [await _stall_in_data(relay.port) for _ in range(2)]
+    stalled = [(await open_data(relay.port))[1] for _ in range(2)]
     await wait_for(lambda: relay.app.inbound.arriving.count == 2, timeout=5)
     await send_mail_async(relay.port)
     await asyncio.sleep(0.4)

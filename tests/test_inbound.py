@@ -23,6 +23,7 @@ from tests.conftest import (
     INBOUND_PASSWORD,
     RelayFactory,
     basic_settings,
+    open_data,
     send_mail_async,
     strip_received,
     wait_for,
@@ -663,16 +664,7 @@ async def test_inbound_counts_messages_arriving_until_their_reply_or_hang_up(
 ) -> None:
     relay = await start_relay(basic_settings(exchange.port))
     arriving = relay.app.inbound.arriving
-    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
-    await reader.readline()
-    for command in (
-        b"HELO legacy\r\n",
-        b"MAIL FROM:<alerts@contoso.test>\r\n",
-        b"RCPT TO:<ops@contoso.test>\r\n",
-        b"DATA\r\n",
-    ):
-        writer.write(command)
-        await reader.readline()
+    _, writer = await open_data(relay.port)
     during = arriving.count
     writer.write(b"Subject: cut off\r\n\r\nhalf a line")
     await writer.drain()

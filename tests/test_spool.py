@@ -969,14 +969,20 @@ async def test_spool_cancelled_stores_leave_no_body_without_a_row(
 # Bodies in the database: room to work, and room given back
 
 
+async def _spool_near_the_floor(spool_dir: Path) -> Spool:
+    """An open spool 8 MB above its floor: inside the headroom the database
+    needs for itself."""
+    usage = os.statvfs(spool_dir.parent)
+    free = usage.f_bavail * usage.f_frsize
+    spool = Spool(spool_dir, min_free_bytes=free - 8 * 1024 * 1024)
+    await spool.open()
+    return spool
+
+
 async def test_spool_near_the_floor_keeps_small_bodies_as_files(
     spool_dir: Path,
 ) -> None:
-    usage = os.statvfs(spool_dir.parent)
-    free = usage.f_bavail * usage.f_frsize
-    # 8 MB above the floor: inside the headroom the database needs for itself.
-    spool = Spool(spool_dir, min_free_bytes=free - 8 * 1024 * 1024)
-    await spool.open()
+    spool = await _spool_near_the_floor(spool_dir)
     queue_id = await store(spool, body=SMALL_BODY)
     body = await spool.read_body(queue_id)
     await spool.close()
@@ -987,10 +993,7 @@ async def test_spool_near_the_floor_keeps_small_bodies_as_files(
 async def test_spool_near_the_floor_copies_its_log_back_sooner(
     spool_dir: Path,
 ) -> None:
-    usage = os.statvfs(spool_dir.parent)
-    free = usage.f_bavail * usage.f_frsize
-    spool = Spool(spool_dir, min_free_bytes=free - 8 * 1024 * 1024)
-    await spool.open()
+    spool = await _spool_near_the_floor(spool_dir)
     log_sizes = []
     for _ in range(80):
         await store(spool, body=SMALL_BODY)
